@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Local runner: installs the project into ./.venv (idempotent) and runs one job.
+#
+#   bash launch/local.sh main  [--workdir=runs/default] [extra flags]   # the main job, embedded default
+#   bash launch/local.sh test  [pytest args]                             # install + the test suite
+#   bash launch/local.sh python -m unif2ace_jax.<module> [flags]         # any module, inside the venv
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+VENV="${UNIF2ACE_VENV:-.venv}"
+if [ ! -x "$VENV/bin/python" ]; then
+  python3 -m venv "$VENV"
+fi
+# shellcheck disable=SC1091
+. "$VENV/bin/activate"
+stamp="$VENV/.installed-$(sha1sum setup.py | cut -c1-12)"
+if [ ! -f "$stamp" ]; then
+  python -m pip install -q --upgrade pip
+  python -m pip install -q -e ".[test]"
+  touch "$stamp"
+fi
+
+# Plain CPU runs: never let an installed libtpu probe for TPUs.
+export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
+export PYTHONUNBUFFERED=1
+
+job="${1:-main}"; shift || true
+case "$job" in
+  main)   exec python -m unif2ace_jax.main "$@" ;;
+  test)   exec python -m pytest -q -n 2 --durations=15 "$@" ;;
+  python) exec python "$@" ;;
+  *) echo "local.sh: unknown job '$job' (expected: main, test, python)" >&2; exit 2 ;;
+esac
