@@ -1,0 +1,1 @@
+"""Flax modules: image tokenizer, backbone, attention, FFN slot, mixtures of experts, experts."""
