@@ -1,0 +1,71 @@
+"""The one table mapping logical axis names (on every parameter and activation) to mesh axes.
+
+Parameters are annotated with `nn.with_logical_partitioning(init, names)`; activations with
+`nn.with_logical_constraint(x, names)`. This table is the only place that decides how they are
+laid out on the mesh (MaxText style), so a sharding preset is a different table, not a code edit.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from unif2ace_jax.errors import UserError
+
+Rules = Sequence[tuple[str, Any]]
+
+# Logical name -> mesh axis (or tuple of axes, or None = replicated).
+DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
+    # activations
+    ("batch", ("data", "fsdp", "expert")),
+    ("length", None),
+    ("act_embed", "tensor"),
+    # parameters
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("mlp", "tensor"),
+    ("exp", "expert"),
+    ("layers", None),
+    ("norm", None),
+    ("feature", None),
+    ("conv_in", None),
+    ("conv_out", None),
+)
+
+def get_rules(overrides: Rules = ()) -> tuple[tuple[str, Any], ...]:
+    """`DEFAULT_RULES` with `(name, axis)` overrides (e.g. from `config.sharding.rules`) winning."""
+    table = dict(DEFAULT_RULES)
+    for name, axis in overrides:
+        if name not in table:
+            raise UserError(f"unknown logical axis {name!r} in sharding rules; known: {sorted(table)}")
+        table[name] = tuple(axis) if isinstance(axis, list) else axis
+    return tuple(table.items())
+
+
+def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
+    """NamedShardings for a tree of (boxed) abstract arrays, e.g. from `jax.eval_shape(init)`.
+
+    Leaves without logical names are replicated.
+    """
+    specs = nn.get_partition_spec(abstract_tree)
+    return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
+    """Sharding for a host batch array [B, ...]: batch dim over the rule for "batch"."""
+    axis = dict(rules).get("batch")
+    return NamedSharding(mesh, PartitionSpec(axis, *([None] * (ndim - 1))))
+
+
+def batch_shardings(batch: Any, mesh: Mesh, rules: Rules) -> Any:
+    """A tree of batch shardings matching a tree of arrays (leading batch dim each)."""
+    return jax.tree.map(lambda x: batch_sharding(mesh, rules, x.ndim), batch)
