@@ -1,0 +1,84 @@
+"""Training-time random masking of image codes for T2I (DESIGN §6), jit-friendly, static shapes.
+
+Two processes, both drawing ``u ~ U(0,1)`` per example and ``m = schedule.from_uniform(u)``:
+
+* ``count`` (Show-o, the training default): mask exactly ``k = max(1, round(N m))`` positions
+  (round half to even), chosen uniformly at random (random scores + rank). Returns
+  ``mask_ratio = k / N``, the realised fraction, which is what ``d3diff_loss`` should be given for
+  such masks: it keeps the score weight bounded and is what a model can read off its input
+  (see ``losses/d3diff.py`` for why the drawn m would make the L_score estimator heavy-tailed).
+* ``independent`` (the continuous-time ELBO's forward process): every position is masked
+  independently with probability m. Returns ``mask_ratio = m``. With this, ``E[L_score]`` is exactly
+  the NELBO; use it to report an unbiased ``nelbo_per_token``. A row may end with no mask at all
+  (it then contributes 0 to L_score, as it should).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from unif2ace_jax.errors import UserError
+from unif2ace_jax.losses.schedules import MaskSchedule, get_schedule
+
+MASKING_MODES = ("count", "independent")
+
+
+def _check_codes(codes: jax.Array) -> None:
+    if codes.ndim != 2:
+        raise UserError(f"image codes must be [B, N], got shape {tuple(codes.shape)}")
+
+
+def mask_exact_count(rng: jax.Array, codes: jax.Array, *, mask_id: int,
+                     schedule: str | MaskSchedule = "cosine"
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mask exactly ``max(1, round(N m))`` random positions per example.
+
+    Args:
+      rng: PRNG key. codes: [B, N] int image codes. mask_id: id written at masked places.
+    Returns:
+      ``masked_codes`` [B, N] (codes dtype), ``masked`` [B, N] bool, ``mask_ratio`` [B] float32
+      equal to the realised fraction ``k / N``.
+    """
+    _check_codes(codes)
+    sched = get_schedule(schedule)
+    b, n = codes.shape
+    rng_u, rng_pos = jax.random.split(rng)
+    u = jax.random.uniform(rng_u, (b,), jnp.float32)
+    m = sched.from_uniform(u)
+    k = jnp.clip(jnp.round(n * m), 1, n).astype(jnp.int32)
+    scores = jax.random.uniform(rng_pos, (b, n), jnp.float32)
+    rank = jnp.argsort(jnp.argsort(scores, axis=-1), axis=-1)  # a random permutation per row
+    masked = rank < k[:, None]
+    masked_codes = jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes)
+    return masked_codes, masked, k.astype(jnp.float32) / n
+
+
+def mask_independent(rng: jax.Array, codes: jax.Array, *, mask_id: int,
+                     schedule: str | MaskSchedule = "cosine"
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Mask each position independently with probability ``m`` (the ELBO's forward process).
+
+    Returns:
+      ``masked_codes`` [B, N], ``masked`` [B, N] bool, ``mask_ratio`` [B] float32 equal to m.
+    """
+    _check_codes(codes)
+    sched = get_schedule(schedule)
+    b, n = codes.shape
+    rng_u, rng_pos = jax.random.split(rng)
+    u = jax.random.uniform(rng_u, (b,), jnp.float32)
+    m = sched.from_uniform(u)
+    masked = jax.random.uniform(rng_pos, (b, n), jnp.float32) < m[:, None]
+    masked_codes = jnp.where(masked, jnp.asarray(mask_id, codes.dtype), codes)
+    return masked_codes, masked, m
+
+
+def mask_image_codes(rng: jax.Array, codes: jax.Array, *, mask_id: int,
+                     schedule: str | MaskSchedule = "cosine", mode: str = "count"
+                     ) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Dispatch on ``mode``: ``count`` (training default) or ``independent`` (see module doc)."""
+    if mode == "count":
+        return mask_exact_count(rng, codes, mask_id=mask_id, schedule=schedule)
+    if mode == "independent":
+        return mask_independent(rng, codes, mask_id=mask_id, schedule=schedule)
+    raise UserError(f"unknown masking mode {mode!r}; known: " + ", ".join(MASKING_MODES))
