@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "pillow>=10",
     "tqdm>=4.66",
     "rich>=13",
+    "pyarrow>=14",
 ]
 
 EXTRAS_REQUIRE = {

@@ -1,0 +1,58 @@
+"""Data-only config: SynthFace through the input pipeline (the unified-model configs copy it).
+
+    get_config()        small_64 SynthFace (20000 / 1000 / 1000 at 64 px), the main job's data
+    get_config("tiny")  tiny_64 (320 / 64 / 64), small lengths and batch, for tests and smoke runs
+
+Fields of `data` (all used by `unif2ace_jax.data.pipeline`):
+  dataset, config_name   the TFDS dataset and builder config, read from `data_dir`
+  data_dir               where `python -m unif2ace_jax.data build` wrote it
+  train_split, eval_split
+  image_size             S of the emitted `image` [B, S, S, 3] (records of another size resized)
+  max_text_len           text (caption / question / LM text) ids per example, right-padded
+  max_answer_len         answer ids per mmu example
+  mixture                weights of the t2i / mmu / lm tasks (normalised)
+  lm_caption_prob        an lm example's text is its caption with this probability, else a QA
+  image_field            "image" | "image_codes" | "both"
+  extra_fields           embedding fields passed through as float32 (derived datasets)
+  batch_size             GLOBAL batch size; each of P hosts gets batch_size // P
+  eval_batch_size
+  seed                   shuffling and task draws
+  num_threads, prefetch  grain read threads and prefetch depth (batches)
+  num_workers            grain worker processes (0 = none)
+  tokenizer              {name, model_path, vocab_size (0 = take the model's)}
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    tiny = arg == "tiny"
+    if arg not in (None, "", "tiny"):
+        raise ValueError(f"unknown variant {arg!r} for data_synthface; use '' or 'tiny'")
+    config = ml_collections.ConfigDict()
+    data = config.data = ml_collections.ConfigDict()
+    data.dataset = "synthface"
+    data.config_name = "tiny_64" if tiny else "small_64"
+    data.data_dir = "runs/data"
+    data.train_split = "train"
+    data.eval_split = "test"
+    data.image_size = 64
+    data.max_text_len = 64 if tiny else 128
+    data.max_answer_len = 8
+    data.mixture = ml_collections.ConfigDict({"t2i": 1.0, "mmu": 1.0, "lm": 0.25})
+    data.lm_caption_prob = 0.5
+    data.image_field = "image"
+    data.extra_fields = ()
+    data.batch_size = 8 if tiny else 64
+    data.eval_batch_size = 8 if tiny else 64
+    data.seed = 0
+    data.num_threads = 2  # 2 threads beat 0 or 4 on this 2-core machine (bench/input_pipeline.py)
+    data.prefetch = 4
+    data.num_workers = 0  # grain worker processes; worth it on many-core hosts only
+    data.tokenizer = ml_collections.ConfigDict()
+    data.tokenizer.name = "sentencepiece"
+    data.tokenizer.model_path = "runs/data/synthface_text.model"
+    data.tokenizer.vocab_size = 0
+    return config
