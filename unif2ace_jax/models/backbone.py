@@ -1,0 +1,327 @@
+"""The unified transformer backbone, Phi-1.5 layout (DESIGN §3).
+
+``embed_tokens -> layers (L blocks) -> final_layernorm -> lm_head`` (untied, with bias).
+
+Block styles (``config.model.block_style``):
+
+* ``parallel`` (Phi): ``x + Attn(LN(x)) + FFN(LN(x))``, one LayerNorm ``input_layernorm``.
+* ``sequential`` (UniF²ace figure): ``x += Attn(LN1 x); x += FFN(LN2 x)``
+  (``input_layernorm``, ``post_attention_layernorm``).
+
+In both styles an optional sequence-level MoE branch follows: ``x += SeqMoE(LN3 x)``
+(``seq_moe_layernorm``), built from `SEQ_MOE_SLOTS` by ``config.model.seq_moe.name`` (``none``
+registers no branch). Seq-MoE slot contract: the factory is called as
+``factory(cfg, d_model=..., dtype=..., param_dtype=..., name="seq_moe")`` and returns a module or
+None; the module is called as ``module(h, *, group, valid, features) -> [B, L, D]`` where
+``features`` is the dict passed to the backbone call (per-sequence expert inputs, e.g. CLIP /
+face embeddings, noise level) or None. Modules registering into `FFN_SLOTS` / `SEQ_MOE_SLOTS`
+must be imported before `build_backbone` runs.
+
+Layers run under ``nn.scan`` (params stacked on a leading ``layers`` axis) or unrolled
+(``layers_0 … layers_{L-1}``); `stack_layer_params` / `unstack_layer_params` convert between the
+two. Remat policy by name (`unif2ace_jax.models.remat`). Activations are constrained to
+``ACTIVATION_AXES`` at block boundaries.
+
+KV cache for decoding: ``{"k", "v"}: [num_layers, B, S, H, Dh]`` (see `Backbone.init_cache`,
+`Backbone.decode`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+from jax.ad_checkpoint import checkpoint_name
+
+from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.attention import Attention
+from unif2ace_jax.models.ffn import FFN_SLOTS
+from unif2ace_jax.models.remat import remat_policy
+from unif2ace_jax.models.rotary import rotary_dim_for
+from unif2ace_jax.models.vocab import Vocab
+from unif2ace_jax.registry import Registry
+
+# Logical axes of [B, L, D] activations (names of unif2ace_jax/parallel/rules.py).
+ACTIVATION_AXES = ("batch", "length", "act_embed")
+BLOCK_STYLES = ("parallel", "sequential")
+
+SEQ_MOE_SLOTS: Registry = Registry("seq_moe")
+
+
+@SEQ_MOE_SLOTS.register("none")
+def _no_seq_moe(cfg, *, d_model: int, dtype, param_dtype, name: str | None = None) -> None:
+    del cfg, d_model, dtype, param_dtype, name
+    return None
+
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _dtype(name: Any) -> jnp.dtype:
+    if not isinstance(name, str):
+        return jnp.dtype(name)
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise UserError(f"unknown dtype {name!r}; known: {', '.join(_DTYPES)}") from None
+
+
+def _layer_norm(eps: float, dtype, param_dtype, name: str) -> nn.LayerNorm:
+    return nn.LayerNorm(
+        epsilon=eps, dtype=dtype, param_dtype=param_dtype,
+        scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("norm",)),
+        bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("norm",)), name=name)
+
+
+class Block(nn.Module):
+    """One transformer layer. ``x [B, T, D] -> (x [B, T, D], new_cache | None)``.
+
+    Positional arguments (so `nn.scan` / `nn.remat` can lift them):
+    ``(x, cache, mask, positions, group, valid, cache_index, features, deterministic)``.
+    """
+
+    d_model: int
+    num_heads: int
+    rotary_dim: int
+    ffn: ml_collections.FrozenConfigDict
+    seq_moe: ml_collections.FrozenConfigDict
+    block_style: str = "parallel"
+    rope_theta: float = 1e4
+    layer_norm_eps: float = 1e-5
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x, cache, mask, positions, group, valid, cache_index, features,
+                 deterministic: bool = True):
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        attn = Attention(num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
+                         rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
+                         init_std=self.init_std, name="self_attn", **kw)
+        ffn = FFN_SLOTS.get(self.ffn.name)(self.ffn, d_model=self.d_model, name="mlp", **kw)
+        drop = nn.Dropout(self.dropout_rate)
+
+        def run_ffn(h):
+            y = ffn(h, group=group, valid=valid)
+            return drop(checkpoint_name(y, "mlp_out"), deterministic=deterministic)
+
+        ln1 = _layer_norm(self.layer_norm_eps, name="input_layernorm", **kw)
+        h = ln1(x)
+        a, new_cache = attn(h, mask=mask, positions=positions, cache=cache,
+                            cache_index=cache_index)
+        a = drop(a, deterministic=deterministic)
+        if self.block_style == "parallel":
+            x = x + a + run_ffn(h)
+        elif self.block_style == "sequential":
+            x = x + a
+            ln2 = _layer_norm(self.layer_norm_eps, name="post_attention_layernorm", **kw)
+            x = x + run_ffn(ln2(x))
+        else:
+            raise UserError(
+                f"unknown block_style {self.block_style!r}; known: {', '.join(BLOCK_STYLES)}")
+
+        seq_moe = SEQ_MOE_SLOTS.get(self.seq_moe.name)(
+            self.seq_moe, d_model=self.d_model, name="seq_moe", **kw)
+        if seq_moe is not None:
+            ln3 = _layer_norm(self.layer_norm_eps, name="seq_moe_layernorm", **kw)
+            y = seq_moe(ln3(x), group=group, valid=valid, features=features)
+            x = x + drop(y, deterministic=deterministic)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        return x, new_cache
+
+
+class Backbone(nn.Module):
+    """The unified model: token ids -> float32 logits over the whole vocabulary."""
+
+    vocab_size: int
+    d_model: int
+    num_layers: int
+    num_heads: int
+    ffn: ml_collections.FrozenConfigDict
+    seq_moe: ml_collections.FrozenConfigDict
+    block_style: str = "parallel"
+    rotary_fraction: float = 0.5
+    rope_theta: float = 1e4
+    layer_norm_eps: float = 1e-5
+    dropout_rate: float = 0.0
+    init_std: float = 0.02
+    dtype: jnp.dtype = jnp.float32
+    param_dtype: jnp.dtype = jnp.float32
+    remat_policy: str = "none"
+    scan_layers: bool = True
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.num_heads
+
+    def setup(self):
+        if self.d_model % self.num_heads:
+            raise UserError(
+                f"d_model {self.d_model} is not divisible by num_heads {self.num_heads}")
+        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+        self.embed_tokens = nn.Embed(
+            self.vocab_size, self.d_model,
+            embedding_init=nn.with_logical_partitioning(
+                nn.initializers.normal(self.init_std), ("vocab", "embed")), **kw)
+        block_kwargs = dict(
+            d_model=self.d_model, num_heads=self.num_heads,
+            rotary_dim=rotary_dim_for(self.head_dim, self.rotary_fraction), ffn=self.ffn,
+            seq_moe=self.seq_moe, block_style=self.block_style, rope_theta=self.rope_theta,
+            layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
+            init_std=self.init_std, **kw)
+        block_cls = Block
+        policy = remat_policy(self.remat_policy)
+        if policy is not None:
+            block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not self.scan_layers,
+                                 static_argnums=(9,))
+        if self.scan_layers:
+            scanned = nn.scan(
+                block_cls,
+                variable_axes={"params": 0, "aux_loss": 0, "intermediates": 0},
+                split_rngs={"params": True, "dropout": True},
+                in_axes=(0,) + (nn.broadcast,) * 7,
+                length=self.num_layers,
+                metadata_params={nn.PARTITION_NAME: "layers"})
+            self.layers = scanned(**block_kwargs)
+        else:
+            self.layers = [block_cls(**block_kwargs) for _ in range(self.num_layers)]
+        self.final_layernorm = _layer_norm(self.layer_norm_eps, name=None, **kw)
+        self.lm_head = nn.Dense(
+            self.vocab_size,
+            kernel_init=nn.with_logical_partitioning(
+                nn.initializers.normal(self.init_std), ("embed", "vocab")),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)), **kw)
+
+    def _trunk(self, tokens, cache, mask, positions, group, valid, cache_index, features,
+               deterministic):
+        x = self.embed_tokens(jnp.asarray(tokens, jnp.int32)).astype(self.dtype)
+        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        args = (mask, positions, group, valid, cache_index, features, deterministic)
+        if self.scan_layers:
+            x, new_cache = self.layers(x, cache, *args)
+        else:
+            outs = []
+            for i, layer in enumerate(self.layers):
+                layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+                x, c = layer(x, layer_cache, *args)
+                outs.append(c)
+            new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *outs)
+        return self.final_layernorm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [..., D]`` (final-LN output) -> ``[..., V]`` float32 logits."""
+        return self.lm_head(hidden).astype(jnp.float32)
+
+    def __call__(self, tokens: jax.Array, *, mask: jax.Array, positions: jax.Array,
+                 group: jax.Array, valid: jax.Array,
+                 features: Mapping[str, jax.Array] | None = None, deterministic: bool = True,
+                 return_hidden: bool = False) -> jax.Array:
+        """Full-sequence forward pass.
+
+        Args:
+          tokens: ``[B, L]`` int ids; mask: ``[B, L, L]`` bool (`omni_attention_mask`);
+          positions: ``[B, L]`` int; group: ``[B, L]`` int (0 und, 1 gen); valid: ``[B, L]`` bool;
+          features: per-sequence inputs for the seq-MoE slot (or None).
+          return_hidden: return the final-LN hidden states ``[B, L, D]`` instead of logits
+            (gather positions first, then call `logits` via ``method=Backbone.logits``).
+
+        Returns ``[B, L, V]`` float32 logits (or the hidden states).
+        """
+        hidden, _ = self._trunk(tokens, None, mask, positions, group, valid, None, features,
+                                deterministic)
+        return hidden if return_hidden else self.logits(hidden)
+
+    def decode(self, tokens: jax.Array, *, cache: dict, cache_index: jax.Array,
+               mask: jax.Array, positions: jax.Array, group: jax.Array, valid: jax.Array,
+               features: Mapping[str, jax.Array] | None = None) -> tuple[jax.Array, dict]:
+        """Forward pass of T new tokens against a KV cache (prefill: T = prefix; step: T = 1).
+
+        Args:
+          tokens: ``[B, T]``; cache: ``{"k", "v"}: [num_layers, B, S, H, Dh]``;
+          cache_index: scalar int, cache slot of ``tokens[:, 0]``; mask: ``[B, T, S]`` bool over
+          cache slots (must include the T new slots themselves); positions, group, valid:
+          ``[B, T]``.
+
+        Returns ``(logits [B, T, V] float32, updated cache)``.
+        """
+        hidden, new_cache = self._trunk(tokens, cache, mask, positions, group, valid,
+                                        cache_index, features, True)
+        return self.logits(hidden), new_cache
+
+    def init_cache(self, batch: int, length: int, dtype: Any = None) -> dict:
+        """Zero KV cache ``{"k", "v"}: [num_layers, batch, length, H, Dh]`` (compute dtype)."""
+        shape = (self.num_layers, batch, length, self.num_heads, self.head_dim)
+        dt = self.dtype if dtype is None else dtype
+        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+
+
+def stack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict:
+    """Unrolled params (``layers_0 …``) -> scanned params (``layers``, leading layer axis).
+
+    Works on plain or boxed (`nn.LogicallyPartitioned`) trees: boxes of the stacked tree get the
+    ``layers`` name in front.
+    """
+    params = dict(params)
+    per_layer = [params.pop(f"layers_{i}") for i in range(num_layers)]
+
+    def stack(*leaves):
+        if isinstance(leaves[0], nn.LogicallyPartitioned):
+            return leaves[0].replace(value=jnp.stack([l.value for l in leaves]),
+                                     names=("layers",) + tuple(leaves[0].names))
+        return jnp.stack(leaves)
+
+    params["layers"] = jax.tree.map(stack, *per_layer,
+                                    is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+    return params
+
+
+def unstack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict:
+    """Scanned params (``layers``) -> unrolled params (``layers_0 …``). Plain arrays only."""
+    params = dict(params)
+    stacked = params.pop("layers")
+    for i in range(num_layers):
+        params[f"layers_{i}"] = jax.tree.map(lambda x: x[i], stacked)
+    return params
+
+
+def default_model_config() -> ml_collections.ConfigDict:
+    """A tiny CPU-sized `config.model` with every field `build_backbone` reads."""
+    return ml_collections.ConfigDict(dict(
+        d_model=64, num_layers=2, num_heads=4,
+        ffn=dict(name="dense", hidden=256),
+        block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
+        dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
+        remat_policy="none", scan_layers=True, group_assignment="task",
+        position_mode="valid", seq_moe=dict(name="none")))
+
+
+def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab) -> Backbone:
+    """Builds the backbone from ``config.model``; the vocabulary size comes from `vocab`."""
+    c = model_config
+
+    def frozen(section) -> ml_collections.FrozenConfigDict:
+        if isinstance(section, ml_collections.FrozenConfigDict):
+            return section
+        return ml_collections.FrozenConfigDict(section)
+
+    style = c.get("block_style", "parallel")
+    if style not in BLOCK_STYLES:
+        raise UserError(f"unknown block_style {style!r}; known: {', '.join(BLOCK_STYLES)}")
+    remat_policy(c.get("remat_policy", "none"))  # validates the name early
+    seq_moe = c.get("seq_moe", None) or ml_collections.ConfigDict({"name": "none"})
+    FFN_SLOTS.get(c.ffn.name)
+    SEQ_MOE_SLOTS.get(seq_moe.name)
+    return Backbone(
+        vocab_size=vocab.size, d_model=c.d_model, num_layers=c.num_layers,
+        num_heads=c.num_heads, ffn=frozen(c.ffn), seq_moe=frozen(seq_moe), block_style=style,
+        rotary_fraction=c.get("rotary_fraction", 0.5), rope_theta=c.get("rope_theta", 1e4),
+        layer_norm_eps=c.get("layer_norm_eps", 1e-5), dropout_rate=c.get("dropout_rate", 0.0),
+        init_std=c.get("init_std", 0.02), dtype=_dtype(c.get("dtype", "float32")),
+        param_dtype=_dtype(c.get("param_dtype", "float32")),
+        remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True))

@@ -1,0 +1,115 @@
+"""The shared token vocabulary of the unified model (DESIGN §2).
+
+Layout, in id order::
+
+    [ text ids (text_size) | special ids (7) | image codes (num_image_codes) | [MASK] | padding ]
+
+Special ids, in order: ``<t2i> <mmu> <soi> <eoi> <bos> <eos> <pad>``. Image code ``c`` has id
+``image_offset + c``; the mask token directly follows the codes, so ``image_offset + K`` is
+``mask_id`` and a code array that already holds ``K`` at masked places maps to ids by one add.
+``pad_to_multiple`` rounds ``size`` up (unused ids at the end) so the embedding and lm-head
+dims divide evenly over a tensor-parallel mesh axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from unif2ace_jax.errors import UserError
+
+SPECIAL_TOKENS: tuple[str, ...] = ("t2i", "mmu", "soi", "eoi", "bos", "eos", "pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Vocab:
+    """Token ids of the unified model. Hashable, so it can be a static argument of `jax.jit`."""
+
+    text_size: int
+    num_image_codes: int
+    pad_to_multiple: int = 1
+
+    def __post_init__(self):
+        if self.text_size < 1:
+            raise UserError(f"vocab text_size must be >= 1, got {self.text_size}")
+        if self.num_image_codes < 1:
+            raise UserError(f"vocab num_image_codes must be >= 1, got {self.num_image_codes}")
+        if self.pad_to_multiple < 1:
+            raise UserError(f"vocab pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
+
+    # Special ids.
+    @property
+    def t2i_id(self) -> int:
+        return self.text_size + 0
+
+    @property
+    def mmu_id(self) -> int:
+        return self.text_size + 1
+
+    @property
+    def soi_id(self) -> int:
+        return self.text_size + 2
+
+    @property
+    def eoi_id(self) -> int:
+        return self.text_size + 3
+
+    @property
+    def bos_id(self) -> int:
+        return self.text_size + 4
+
+    @property
+    def eos_id(self) -> int:
+        return self.text_size + 5
+
+    @property
+    def pad_id(self) -> int:
+        return self.text_size + 6
+
+    @property
+    def image_offset(self) -> int:
+        """Id of image code 0."""
+        return self.text_size + len(SPECIAL_TOKENS)
+
+    @property
+    def mask_id(self) -> int:
+        """The `[MASK]` id, equal to `image_offset + num_image_codes`."""
+        return self.image_offset + self.num_image_codes
+
+    @property
+    def used_size(self) -> int:
+        """Number of ids that mean something (`mask_id + 1`)."""
+        return self.mask_id + 1
+
+    @property
+    def size(self) -> int:
+        """Embedding / lm-head rows: `used_size` rounded up to `pad_to_multiple`."""
+        m = self.pad_to_multiple
+        return -(-self.used_size // m) * m
+
+    def special_ids(self) -> dict[str, int]:
+        """`{"t2i": id, ..., "pad": id}`."""
+        return {name: self.text_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+
+    # Code <-> id maps (jnp; work on any integer array shape).
+    def codes_to_ids(self, codes: jax.Array) -> jax.Array:
+        """Image codes in `[0, K]` (K = mask) -> token ids in `[image_offset, mask_id]`."""
+        return jnp.asarray(codes, jnp.int32) + self.image_offset
+
+    def ids_to_codes(self, ids: jax.Array) -> jax.Array:
+        """Token ids in `[image_offset, mask_id]` -> codes in `[0, K]` (K = mask).
+
+        Ids outside that range are clipped into it; check with `is_image_id` first if unsure.
+        """
+        return jnp.clip(jnp.asarray(ids, jnp.int32) - self.image_offset, 0, self.num_image_codes)
+
+    def is_image_id(self, ids: jax.Array) -> jax.Array:
+        """True for image-code ids and the mask id."""
+        ids = jnp.asarray(ids)
+        return (ids >= self.image_offset) & (ids <= self.mask_id)
+
+    def is_text_id(self, ids: jax.Array) -> jax.Array:
+        ids = jnp.asarray(ids)
+        return (ids >= 0) & (ids < self.text_size)
