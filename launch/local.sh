@@ -13,10 +13,14 @@ if [ ! -x "$VENV/bin/python" ]; then
 fi
 # shellcheck disable=SC1091
 . "$VENV/bin/activate"
-stamp="$VENV/.installed-$(sha1sum setup.py | cut -c1-12)"
+job="${1:-main}"; shift || true
+# The tests also check the weight converters against PyTorch/transformers (CPU torch 2.13.0).
+extras="test"
+[ "$job" = "test" ] && extras="test,convert"
+stamp="$VENV/.installed-$(cat setup.py | sha1sum | cut -c1-12)-${extras/,/-}"
 if [ ! -f "$stamp" ]; then
   python -m pip install -q --upgrade pip
-  python -m pip install -q -e ".[test]"
+  python -m pip install -q -e ".[$extras]"
   touch "$stamp"
 fi
 
@@ -24,7 +28,6 @@ fi
 export JAX_PLATFORMS="${JAX_PLATFORMS:-cpu}"
 export PYTHONUNBUFFERED=1
 
-job="${1:-main}"; shift || true
 case "$job" in
   main)   exec python -m unif2ace_jax.main "$@" ;;
   test)   exec python -m pytest -q -n 2 --durations=15 "$@" ;;
