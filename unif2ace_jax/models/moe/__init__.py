@@ -1,0 +1,5 @@
+"""Mixtures of experts. Importing this package registers "token_moe" in `FFN_SLOTS`."""
+
+from unif2ace_jax.models.moe.token_moe import TokenMoE, default_config, make_token_moe
+
+__all__ = ["TokenMoE", "default_config", "make_token_moe"]
