@@ -70,6 +70,19 @@ def test_independent_masking_rate():
     assert abs(z.mean()) < 0.1 and abs(z.var() - 1) < 0.1
 
 
+def test_stratified_masking_covers_every_stratum():
+    """One row per stratum [b/B, (b+1)/B) of u, m = cos(pi u / 2), and masks drawn with prob m."""
+    b, n = 16, 4096
+    codes = jnp.zeros((b, n), jnp.int32)
+    out, masked, m = mask_image_codes(jax.random.PRNGKey(5), codes, mask_id=MASK_ID,
+                                      mode="stratified")
+    u = np.arccos(np.clip(np.asarray(m, np.float64), 0, 1)) * 2 / np.pi
+    np.testing.assert_array_equal(np.sort(np.floor(u * b)), np.arange(b))
+    rate = np.asarray(masked).mean(-1)
+    np.testing.assert_allclose(rate, np.asarray(m), atol=4 * np.sqrt(0.25 / n))
+    np.testing.assert_array_equal(np.asarray(out) == MASK_ID, np.asarray(masked))
+
+
 def test_mode_dispatch_and_errors():
     codes = jnp.zeros((2, 4), jnp.int32)
     a = mask_image_codes(jax.random.PRNGKey(3), codes, mask_id=MASK_ID, mode="count")

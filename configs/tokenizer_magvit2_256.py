@@ -1,0 +1,92 @@
+"""Show-o's MAGVIT-v2 geometry: 256 px -> 16×16 codes, 13 bits (8192 codes), 128 channels with
+multipliers (1, 2, 2, 4, 4) in the encoder and (1, 1, 2, 2, 4) in the decoder, ResNet blocks
+(4, 3, 4, 3, 4) / (4, 4, 3, 4, 3), attention in the mid blocks, GroupNorm(32).
+
+Its parameter names and shapes map one-to-one onto Show-o's released weights (see
+`unif2ace_jax/models/tokenizer/magvit2.py`). Training it from scratch needs accelerators:
+
+    python -m unif2ace_jax.train.tokenizer --config=configs/tokenizer_magvit2_256.py --workdir=DIR
+
+`tiny` keeps the 5-level layout with very small widths (tests).
+"""
+
+import importlib.util
+import os
+
+import ml_collections
+
+
+def _base_config() -> ml_collections.ConfigDict:
+    """The 64 px config (sibling file; loaded by path so this works from any directory)."""
+    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_synthface_64.py")
+    spec = importlib.util.spec_from_file_location("_tokenizer_synthface_64", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config()
+
+
+def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
+    config = _base_config()
+    config.data.image_size = 256
+    config.data.num_threads = 8
+
+    config.model.bits = 13  # 8192 codes
+    config.model.patch_size = 1
+    config.model.ch = 128
+    config.model.ch_mult = (1, 2, 2, 4, 4)
+    config.model.num_res_blocks = (4, 3, 4, 3, 4)
+    config.model.decoder_ch_mult = (1, 1, 2, 2, 4)
+    config.model.decoder_num_res_blocks = (4, 4, 3, 4, 3)
+    config.model.num_groups = 32
+    config.model.mid_attention = True
+    config.model.downsample = "conv"
+    config.model.quant_conv = True
+    config.model.pos_embed = False
+    config.model.remat = True
+    config.model.dtype = "bfloat16"  # accelerators; params stay float32
+
+    config.loss.entropy_mode = "bits"  # Show-o's per-bit factorisation; cheap at 8192 codes
+    config.loss.gan = 0.1
+    config.loss.gan_start_step = 20_000
+
+    config.discriminator.ch = 64
+    config.discriminator.num_layers = 3
+    config.discriminator.num_groups = 32
+
+    config.optim.lr = 1e-4
+    config.optim.warmup_steps = 2000
+    config.optim.b2 = 0.99
+    config.optim.weight_decay = 1e-4
+
+    config.train.steps = 200_000
+    config.train.batch_size = 64
+    config.train.log_every = 100
+    config.train.checkpoint_every = 2000
+    config.train.image_every = 2000
+    config.train.num_grid_images = 8
+    config.train.eval_examples = 2000
+
+    if arg == "tiny":
+        config.data.image_size = 64
+        config.data.num_examples = 64
+        config.data.num_threads = 2
+        config.model.ch = 8
+        config.model.num_res_blocks = (1, 1, 1, 1, 1)
+        config.model.decoder_num_res_blocks = (1, 1, 1, 1, 1)
+        config.model.num_groups = 4
+        config.model.dtype = "float32"
+        config.model.remat = False
+        config.loss.gan_start_step = 2
+        config.discriminator.ch = 8
+        config.discriminator.num_groups = 4
+        config.optim.warmup_steps = 2
+        config.train.steps = 4
+        config.train.batch_size = 4
+        config.train.log_every = 2
+        config.train.checkpoint_every = 2
+        config.train.image_every = 2
+        config.train.num_grid_images = 2
+        config.train.eval_examples = 8
+    elif arg:
+        raise ValueError(f"unknown tokenizer config {arg!r}; known: '' (default), 'tiny'")
+    return config

@@ -1,0 +1,83 @@
+"""Visual question answering with a trained unified model; prints the answer.
+
+    python -m unif2ace_jax.ask --workdir=DIR --image=face.png --question="What color is the hair?"
+
+The image is center-cropped and resized to the image tokenizer's resolution, encoded to codes,
+and the answer is decoded greedily with a KV cache. ``--question`` may be repeated (one answer
+line each). Bad input (missing workdir or checkpoint, unreadable image, empty question) prints
+one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import os
+
+from absl import flags
+
+from unif2ace_jax.errors import UserError, run_cli
+
+flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
+flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...).")
+flags.DEFINE_multi_string("question", None, "Question about the image; repeat for several.")
+flags.DEFINE_integer("max_tokens", None,
+                     "Most answer tokens (default: config.sampling.max_answer_tokens).")
+
+FLAGS = flags.FLAGS
+
+
+def read_image(path: str, size: int | None = None):
+    """uint8 [H, W, 3] from an image file (center-cropped and resized to [size, size] when
+    `size` is given); UserError when missing or unreadable."""
+    from unif2ace_jax.data.records import decode_image
+
+    if not os.path.isfile(path):
+        raise UserError(f"image file does not exist: {path}")
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+    except OSError as e:
+        raise UserError(f"cannot read image {path}: {e.strerror}") from None
+    return decode_image(data, source=path, size=size)
+
+
+def main(argv: list[str]) -> None:
+    _quiet_logs()
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    if not FLAGS.workdir:
+        raise UserError("--workdir is required")
+    if not FLAGS.image:
+        raise UserError("--image is required")
+    questions = [q for q in (FLAGS.question or []) if q.strip()]
+    if not questions:
+        raise UserError("--question is required (non-empty)")
+    if FLAGS.max_tokens is not None and FLAGS.max_tokens < 1:
+        raise UserError(f"--max_tokens must be >= 1, got {FLAGS.max_tokens}")
+
+    read_image(FLAGS.image)  # fail on a bad image before loading the model
+
+    import numpy as np
+
+    from unif2ace_jax.sampling.vqa import answer_questions
+    from unif2ace_jax.train.state import load_trained
+
+    trained = load_trained(FLAGS.workdir)
+    image_tokenizer = trained.image_tokenizer
+    image = read_image(FLAGS.image, image_tokenizer.image_size)
+    codes = image_tokenizer.encode(image[None]).reshape(1, -1)
+    answers = answer_questions(trained, np.repeat(codes, len(questions), axis=0), questions,
+                               max_new_tokens=FLAGS.max_tokens)
+    for question, answer in zip(questions, answers):
+        print(answer if len(questions) == 1 else f"{question} -> {answer}")
+
+
+def _quiet_logs() -> None:
+    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable."""
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,90 @@
+"""Model-level visual question answering: image codes + question ids -> answer text.
+
+Wraps `sampling.mmu.mmu_decode` (KV-cache decoding of ``<mmu> <soi> img… <eoi> <bos> question``,
+greedy by default) for the unified model, in fixed-size chunks so one compilation serves a whole
+evaluation. The question width is cut to the longest question of the call, rounded up to a
+multiple of 16 (few distinct shapes); with ``position_mode="valid"`` padding never changes an
+answer.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.sequences import TASK_MMU, build_mmu_prefix
+from unif2ace_jax.models.unified import UnifiedModel, default_features
+from unif2ace_jax.sampling.mmu import mmu_decode
+
+
+def answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray, question: np.ndarray,
+               question_len: np.ndarray, *, max_new_tokens: int = 6, chunk: int = 64,
+               temperature: float = 0.0, top_k: int = 0, seed: int = 0
+               ) -> list[list[int]]:
+    """Answers as text-id lists (``<eos>`` and what follows removed).
+
+    Args:
+      image_codes: ``[B, N]`` int in ``[0, K)``; question: ``[B, Lq]`` right-padded ids;
+        question_len: ``[B]``.
+      max_new_tokens: the most tokens generated per answer (``<eos>`` included).
+      chunk: rows per decoding call (the last chunk is padded).
+    """
+    image_codes = np.asarray(image_codes, np.int32)
+    question = np.asarray(question, np.int32)
+    question_len = np.asarray(question_len, np.int32)
+    total = image_codes.shape[0]
+    if total == 0:
+        return []
+    if image_codes.shape[1] != model.num_image_tokens:
+        raise UserError(f"expected {model.num_image_tokens} image codes per image, got "
+                        f"{image_codes.shape[1]}")
+    width = max(1, int(question_len.max()))
+    width = min(question.shape[1], -(-width // 16) * 16)
+    question = question[:, :width]
+    chunk = max(1, min(chunk, total))
+    variables = {"params": params}
+    out: list[list[int]] = []
+    for c, start in enumerate(range(0, total, chunk)):
+        sl = slice(start, start + chunk)
+        codes, q, ql = image_codes[sl], question[sl], question_len[sl]
+        n = codes.shape[0]
+        if n < chunk:
+            pad = chunk - n
+            codes = np.concatenate([codes, np.zeros((pad, codes.shape[1]), np.int32)])
+            q = np.concatenate([q, np.zeros((pad, q.shape[1]), np.int32)])
+            ql = np.concatenate([ql, np.zeros((pad,), np.int32)])
+        prefix = build_mmu_prefix(codes, q, ql, model.vocab, pad_side="left",
+                                  group_assignment=model.group_assignment,
+                                  position_mode=model.position_mode)
+        features = default_features(jnp.full((chunk,), TASK_MMU, jnp.int32),
+                                    jnp.zeros((chunk,), jnp.float32))
+        result = mmu_decode(model.backbone, variables, prefix, vocab=model.vocab,
+                            max_new_tokens=int(max_new_tokens),
+                            rng=jax.random.fold_in(jax.random.key(seed), c),
+                            temperature=float(temperature), top_k=int(top_k),
+                            features=features)
+        tokens = np.asarray(result["tokens"])[:n]
+        lengths = np.asarray(result["length"])[:n]
+        out.extend([row[:length].tolist() for row, length in zip(tokens, lengths)])
+    return out
+
+
+def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str], *,
+                     max_new_tokens: int | None = None, chunk: int = 64) -> list[str]:
+    """Answer strings for (image codes ``[B, N]``, question strings); `trained` is a
+    `train.state.Trained`."""
+    from unif2ace_jax.sampling.t2i import encode_texts
+
+    if len(questions) != len(image_codes):
+        raise UserError(f"{len(image_codes)} images but {len(questions)} questions")
+    tok = trained.text_tokenizer
+    ids, lens = encode_texts(tok, questions, int(trained.config.data.max_text_len))
+    if max_new_tokens is None:
+        max_new_tokens = int(trained.config.get("sampling", {}).get("max_answer_tokens", 8))
+    answers = answer_ids(trained.model, trained.params, image_codes, ids, lens,
+                         max_new_tokens=max_new_tokens, chunk=chunk)
+    return [tok.decode(a) for a in answers]

@@ -1,0 +1,43 @@
+"""CLI: ``python -m unif2ace_jax.train --config=configs/<name>.py --workdir=DIR``.
+
+Overrides: ``--config.total_steps=100``, ``--config.data.batch_size=32``, ... An unknown key, a
+missing config or workdir prints one ``error:`` line and exits with status 2.
+"""
+
+from __future__ import annotations
+
+from absl import flags
+from ml_collections import config_flags
+
+from unif2ace_jax.errors import UserError, config_value, run_cli
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
+                                          lock_config=True)
+flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and run.json.")
+
+
+def main(argv: list[str]) -> None:
+    _quiet_logs()
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+    config = config_value(_CONFIG)
+    if config is None:
+        raise UserError("--config is required (e.g. --config=configs/synthface_tiny.py)")
+    workdir = flags.FLAGS.workdir
+    if not workdir:
+        raise UserError("--workdir is required")
+    from unif2ace_jax.train.train import train
+
+    train(config, workdir)
+
+
+def _quiet_logs() -> None:
+    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable."""
+    from absl import logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,222 @@
+"""Train state of the unified model, its shardings, and a trained run read back from its workdir.
+
+The train state is a plain dict ``{"step": int32 [], "params": ..., "opt_state": ...}``.
+Parameter (and optimizer-moment) shardings come from the logical axis names every parameter
+carries, mapped to mesh axes by the rules table (`parallel/rules.py`); scalars are replicated.
+
+A training workdir holds (written by `train.train`)::
+
+    DIR/run.json           {"config": <the full config>, "text_tokenizer": <abs path>,
+                            "tokenizer_workdir": <abs path or "">, "text_vocab_size": V_text,
+                            "num_image_codes": K, "image_grid": h}
+    DIR/checkpoints/       Orbax: "state" (this dict) + "data" (the input iterator position)
+    DIR/metrics.jsonl
+
+`load_trained(DIR)` rebuilds the model from ``run.json`` and restores the newest parameters, so
+`generate`, `ask` and `evaluate` need nothing but ``--workdir``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from jax.sharding import Mesh
+
+from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.unified import UnifiedModel, build_model
+from unif2ace_jax.parallel import rules as rules_lib
+
+RUN_FILE = "run.json"
+CHECKPOINT_DIR = "checkpoints"
+
+
+def compile_init(fn, *args, out_shardings: Any = None):
+    """`jax.jit(fn, out_shardings=...)` compiled for `args`; on CPU with XLA's backend
+    optimisation off (initializers' unrolled random-number code dominates compile time there,
+    and an init runs once)."""
+    lowered = jax.jit(fn, out_shardings=out_shardings).lower(*args)
+    if jax.default_backend() == "cpu":
+        return lowered.compile({"xla_backend_optimization_level": 0})
+    return lowered.compile()
+
+
+def boxed_state_fn(model: UnifiedModel, tx: optax.GradientTransformation,
+                   features: Mapping[str, jax.Array] | None = None):
+    """``rng -> {"step", "params", "opt_state"}`` with `nn.LogicallyPartitioned` leaves."""
+
+    def init(rng: jax.Array) -> dict:
+        params = model.init(rng, features=features)["params"]
+        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
+
+    return init
+
+
+def state_shardings(model: UnifiedModel, tx: optax.GradientTransformation, mesh: Mesh,
+                    rules: rules_lib.Rules,
+                    features: Mapping[str, jax.Array] | None = None) -> tuple[Any, Any]:
+    """``(abstract unboxed state, NamedShardings)`` of the train state, via `jax.eval_shape`."""
+    boxed = jax.eval_shape(boxed_state_fn(model, tx, features), jax.random.key(0))
+    shardings = rules_lib.logical_shardings(boxed, mesh, rules)
+    return nn.meta.unbox(boxed), shardings
+
+
+def create_train_state(model: UnifiedModel, tx: optax.GradientTransformation, mesh: Mesh,
+                       rules: rules_lib.Rules, rng: jax.Array,
+                       features: Mapping[str, jax.Array] | None = None) -> tuple[dict, Any]:
+    """The initial train state, each array written directly in its sharding, and the shardings.
+
+    ``eval_shape`` -> logical shardings (rules table) -> ``jit(init, out_shardings=...)``.
+    """
+    _, shardings = state_shardings(model, tx, mesh, rules, features)
+    init_fn = boxed_state_fn(model, tx, features)
+    # No mesh context here: `out_shardings` lays the parameters out, and flax would otherwise
+    # constrain each parameter inside the layer scan with its per-layer (unstacked) names.
+    init = compile_init(lambda key: nn.meta.unbox(init_fn(key)), rng, out_shardings=shardings)
+    return init(rng), shardings
+
+
+def abstract_state(abstract: Any, shardings: Any) -> Any:
+    """`jax.ShapeDtypeStruct`s carrying `shardings` (the restore target of a checkpoint)."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                        abstract, shardings)
+
+
+def count_params(params: Any) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(params)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Run metadata
+
+
+def save_run_info(workdir: str, config: ml_collections.ConfigDict, **info: Any) -> None:
+    """Writes ``DIR/run.json`` (process 0 only), atomically."""
+    if jax.process_index() != 0:
+        return
+    os.makedirs(workdir, exist_ok=True)
+    payload = {"config": json.loads(config.to_json_best_effort()), **info}
+    tmp = os.path.join(workdir, RUN_FILE + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(payload, f, indent=1)
+    os.replace(tmp, os.path.join(workdir, RUN_FILE))
+
+
+def load_run_info(workdir: str) -> dict:
+    """``run.json`` of a training workdir; UserError when the directory or file is missing."""
+    if not workdir:
+        raise UserError("--workdir is required")
+    if not os.path.isdir(workdir):
+        raise UserError(f"workdir does not exist: {workdir}")
+    path = os.path.join(workdir, RUN_FILE)
+    if not os.path.isfile(path):
+        raise UserError(f"{workdir} is not a unified-model training directory (no {RUN_FILE}); "
+                        f"train one with python -m unif2ace_jax.train --config=... "
+                        f"--workdir={workdir}")
+    try:
+        with open(path) as f:
+            info = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+    info["config"] = ml_collections.ConfigDict(info["config"])
+    return info
+
+
+# ---------------------------------------------------------------------------------------------
+# A trained run, for inference
+
+
+@dataclasses.dataclass
+class Trained:
+    """A trained unified model read back from its workdir."""
+
+    workdir: str
+    config: ml_collections.ConfigDict
+    model: UnifiedModel
+    params: Any
+    step: int
+    info: dict
+    mesh: Mesh
+    rules: rules_lib.Rules
+    _text_tokenizer: Any = None
+    _image_tokenizer: Any = None
+
+    @property
+    def text_tokenizer(self):
+        if self._text_tokenizer is None:
+            from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
+
+            path = self.info["text_tokenizer"]
+            if not os.path.isfile(path):
+                raise UserError(f"the text tokenizer this run used is gone: {path}")
+            self._text_tokenizer = make_text_tokenizer(self.info.get("text_tokenizer_name",
+                                                                     "sentencepiece"), path)
+        return self._text_tokenizer
+
+    @property
+    def image_tokenizer(self):
+        """The image tokenizer the run was trained with (`TrainedTokenizer`); UserError if none."""
+        if self._image_tokenizer is None:
+            from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
+
+            path = self.info.get("tokenizer_workdir") or ""
+            if not path:
+                raise UserError(f"the run in {self.workdir} names no image tokenizer "
+                                f"(config.tokenizer_workdir was empty)")
+            self._image_tokenizer = load_tokenizer(path)
+        return self._image_tokenizer
+
+
+def model_from_info(info: Mapping[str, Any]) -> UnifiedModel:
+    return build_model(info["config"].model, text_vocab_size=int(info["text_vocab_size"]),
+                       num_image_codes=int(info["num_image_codes"]),
+                       image_grid=int(info["image_grid"]))
+
+
+def load_trained(workdir: str, *, step: int | None = None,
+                 mesh_config: Mapping[str, int] | None = None) -> Trained:
+    """Rebuilds the model of a training workdir and restores its parameters (newest step).
+
+    The parameters are laid out on `mesh_config` (default: all devices on ``fsdp``) with the
+    run's sharding rules. UserError when the workdir, its run file or a checkpoint is missing.
+    """
+    from unif2ace_jax.checkpoint.manager import Checkpointer
+    from unif2ace_jax.parallel.mesh import make_mesh
+    from unif2ace_jax.train.optim import make_optimizer
+
+    info = load_run_info(workdir)
+    config = info["config"]
+    ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
+    if not os.path.isdir(ckpt_dir):
+        raise UserError(f"no checkpoint in {workdir} (training has not saved one yet)")
+    checkpointer = Checkpointer(ckpt_dir, with_data=False, async_save=False)
+    latest = checkpointer.latest_step() if step is None else step
+    if latest is None:
+        raise UserError(f"no checkpoint in {ckpt_dir} (training has not saved one yet)")
+    model = model_from_info(info)
+    tx, _ = make_optimizer(config.optim, int(config.total_steps))
+    mesh = make_mesh(mesh_config or {"fsdp": -1})
+    rules = rules_lib.get_rules(tuple(config.get("sharding", {}).get("rules", ())))
+    abstract, shardings = state_shardings(model, tx, mesh, rules, _saved_features(info))
+    try:
+        state = checkpointer.restore(abstract_state(abstract, shardings), step=latest)
+    except FileNotFoundError as e:
+        raise UserError(f"cannot restore step {latest} from {ckpt_dir}: {e}") from None
+    checkpointer.close()
+    return Trained(workdir=workdir, config=config, model=model, params=state["params"],
+                   step=int(state["step"]), info=info, mesh=mesh, rules=rules)
+
+
+def _saved_features(info: Mapping[str, Any]) -> dict | None:
+    """Dummy seq-MoE features with the shapes training used (None when there were none)."""
+    shapes = info.get("feature_shapes") or {}
+    if not shapes:
+        return None
+    return {k: jnp.zeros(tuple(v["shape"]), v["dtype"]) for k, v in shapes.items()}
