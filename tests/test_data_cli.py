@@ -124,3 +124,26 @@ def test_corrupt_image_fails_without_a_partial_dataset(tmp_path):
     assert ok.returncode == 0, ok.stderr[-2000:]
     assert "skipped 1 corrupt images" in ok.stdout
     assert "train: 3 examples" in ok.stdout
+
+
+def test_export_writes_faces_and_truth(built, tmp_path):
+    from PIL import Image
+
+    d, _ = built
+    out = tmp_path / "faces"
+    proc = _run("export", f"--data_dir={d}", "--dataset=synthface", "--split=test", "--num=5",
+                f"--out={out}")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    faces = json.loads((out / "faces.json").read_text())
+    assert [f["file"] for f in faces] == ["face_0.png", "face_1.png"]  # the split has 2 faces
+    src = records.encoded_source(records.load_builder(d, "synthface"), "test")
+    for i, face in enumerate(faces):
+        img = np.asarray(Image.open(out / face["file"]))
+        expected = records.decode_image(bytes(src[i]["image"]), source="test")
+        np.testing.assert_array_equal(img, expected)
+        assert face["caption"] == records.as_str(src[i]["caption"])
+        assert face["qa"] == records.qa_rows(src[i]["qa"])
+    assert not os.path.exists(str(out) + ".tmp")
+    bad = _run("export", f"--data_dir={d}", "--split=validation", f"--out={tmp_path / 'x'}")
+    assert "validation" in _one_error_line(bad)
+    assert not (tmp_path / "x").exists()

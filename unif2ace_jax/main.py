@@ -1,4 +1,5 @@
-"""The main job on the embedded default: data -> judge -> image tokenizer -> unified model.
+"""The main job on the embedded default: data -> judge -> image tokenizer -> unified model
+-> samples, answers and evaluation.
 
     python -m unif2ace_jax.main --workdir=runs/default
 
@@ -8,9 +9,12 @@ interrupted run stopped; `--force=STAGE,...` reruns stages). Outputs under `--wo
 
     data/                 SynthFace TFDS records (array_record) and the SentencePiece model
     judge/                the SynthFace attribute judge; judge_test.json its test accuracy
-    tokenizer/            the LFQ image tokenizer; tokenizer_eval.json (PSNR, code usage, ...)
-    data_coded/           the records with image codes added (pre-tokenised)
-    unified/              the unified model; samples.png, answers.txt, eval_*.json
+    tokenizer/            the LFQ image tokenizer; tokenizer_eval.json (PSNR, code usage, judge)
+    data/synthface_codes  the records with image codes added (pre-tokenised)
+    unified/              the unified model (checkpoints, metrics.jsonl, run.json)
+    samples.png           faces generated for a few fine-grained prompts (one row per prompt)
+    ask_faces/, answers.json  test faces, questions about them, the answers and the truth
+    eval_test.json, eval_test_heldout_combos.json   VQA accuracy, generation accuracy, NELBO
     summary.json          the figures of every stage
 """
 
@@ -35,6 +39,13 @@ flags.DEFINE_string("force", "", "Comma-separated stages to rerun even if their 
 flags.DEFINE_string("data_config", "small_64", "SynthFace builder config for the main job.")
 flags.DEFINE_integer("text_vocab_size", 512, "SentencePiece vocabulary size.")
 flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
+flags.DEFINE_string("unified_config", "configs/synthface_tiny.py", "Config of the unified model.")
+flags.DEFINE_multi_string("unified_override", [],
+                          "Extra unified-model config overrides, e.g. total_steps=600 (repeatable).")
+flags.DEFINE_integer("eval_generate", 300, "evaluate: faces generated from captions per split.")
+flags.DEFINE_integer("eval_questions", 2000, "evaluate: questions answered per split.")
+flags.DEFINE_bool("collect_answers", False, "Internal: print the ask stage's answers as JSON.")
+flags.DEFINE_bool("last_metrics", False, "Internal: print the last record of WORKDIR/metrics.jsonl.")
 FLAGS = flags.FLAGS
 
 
@@ -67,6 +78,72 @@ def _text_model(w: str) -> str:
     return os.path.join(_data_dir(w), "synthface_text.model")
 
 
+def _tok_dir(w: str) -> str:
+    return os.path.join(w, "tokenizer")
+
+
+def _unified_dir(w: str) -> str:
+    return os.path.join(w, "unified")
+
+
+def _faces_dir(w: str) -> str:
+    return os.path.join(w, "ask_faces")
+
+
+CODED_DATASET = "synthface_codes"
+EVAL_SPLITS = ("test", "test_heldout_combos")
+# In SynthFace's vocabulary (data/synthface/attributes.py), phrased like its captions.
+SAMPLE_PROMPTS = (
+    "This person has red hair and green eyes. They wear a beanie and circular glasses.",
+    "The person has short black hair, blue eyes, a full beard and is smiling. "
+    "The background is yellow.",
+    "They are shown with long blond hair, violet eyes, crimson lipstick and hoops. "
+    "The background is pink.",
+    "The person has gray curly hair, a handlebar moustache and no glasses. "
+    "The background is teal.",
+)
+ASK_QUESTIONS = (
+    "What color is the person's hair?",
+    "How is the person's hair styled?",
+    "What color are the person's eyes?",
+    "What kind of glasses is the person wearing?",
+    "What color is the background?",
+)
+NUM_ASK_FACES = 3
+
+
+def _unified_overrides(w: str) -> list[str]:
+    return [f"--config.data.data_dir={_data_dir(w)}", f"--config.data.dataset={CODED_DATASET}",
+            f"--config.data.config_name={FLAGS.data_config}",
+            f"--config.data.tokenizer.model_path={_text_model(w)}",
+            f"--config.tokenizer_workdir={_tok_dir(w)}",
+            f"--config.judge_workdir={os.path.join(w, 'judge')}",
+            *[f"--config.{o}" for o in FLAGS.unified_override]]
+
+
+def _brief_eval(result: dict) -> dict:
+    keys = ("vqa_accuracy", "vqa_accuracy_per_type", "gen_attribute_accuracy",
+            "gen_attribute_accuracy_mean", "real_attribute_accuracy", "nelbo_bits_per_token",
+            "num_questions", "num_generated")
+    return {k: result[k] for k in keys if k in result}
+
+
+def collect_answers(w: str) -> dict:
+    """The `ask` stage's answers next to the true ones, from ``ask_faces/``."""
+    with open(os.path.join(_faces_dir(w), "faces.json")) as f:
+        faces = json.load(f)
+    rows = []
+    for i, face in enumerate(faces):
+        path = os.path.join(_faces_dir(w), f"answers_{i}.txt")
+        with open(path) as f:
+            lines = [line.strip() for line in f if " -> " in line]
+        for line in lines:
+            question, _, answer = line.partition(" -> ")
+            rows.append({"face": face["file"], "question": question, "answer": answer})
+    return {"faces": [f["file"] for f in faces], "attributes": [f["attributes"] for f in faces],
+            "answers": rows}
+
+
 STAGES: list[Stage] = [
     Stage(
         "data",
@@ -91,6 +168,75 @@ STAGES: list[Stage] = [
                 "--split=test", f"> {os.path.join(w, 'judge_test.json')}"),
         ],
         summary=lambda w: {"judge_test": _json(os.path.join(w, "judge_test.json"))},
+    ),
+    Stage(
+        "tokenizer",
+        outputs=lambda w: [os.path.join(w, "tokenizer_eval.json")],
+        commands=lambda w: [
+            _py("unif2ace_jax.train.tokenizer", "--config=configs/tokenizer_synthface_64.py",
+                f"--workdir={_tok_dir(w)}"),
+            _py("unif2ace_jax.evaluate.tokenizer", f"--workdir={_tok_dir(w)}", "--split=test",
+                f"--judge_workdir={os.path.join(w, 'judge')}",
+                f"> {os.path.join(w, 'tokenizer_eval.json')}"),
+        ],
+        summary=lambda w: {"tokenizer_test": _json(os.path.join(w, "tokenizer_eval.json"))},
+    ),
+    Stage(
+        "pretokenize",
+        outputs=lambda w: [os.path.join(_data_dir(w), CODED_DATASET, FLAGS.data_config)],
+        commands=lambda w: [_py("unif2ace_jax.data.pretokenize", f"--tokenizer_workdir={_tok_dir(w)}",
+                                f"--data_dir={_data_dir(w)}",
+                                f"--dataset=synthface/{FLAGS.data_config}",
+                                f"--out_data_dir={_data_dir(w)}", f"--name={CODED_DATASET}")],
+    ),
+    Stage(
+        "unified",
+        outputs=lambda w: [os.path.join(w, "unified_train.json")],
+        commands=lambda w: [
+            _py("unif2ace_jax.train", f"--config={FLAGS.unified_config}",
+                f"--workdir={_unified_dir(w)}", *_unified_overrides(w)),
+            _py("unif2ace_jax.main", "--last_metrics", f"--workdir={_unified_dir(w)}",
+                f"> {os.path.join(w, 'unified_train.json')}"),
+        ],
+        summary=lambda w: {"unified_train": _json(os.path.join(w, "unified_train.json"))},
+    ),
+    Stage(
+        "generate",
+        outputs=lambda w: [os.path.join(w, "samples.png")],
+        commands=lambda w: [_py("unif2ace_jax.generate", f"--workdir={_unified_dir(w)}",
+                                *[f"--prompt={p}" for p in SAMPLE_PROMPTS], "--num=6",
+                                f"--out={os.path.join(w, 'samples.png')}")],
+        summary=lambda w: {"samples": os.path.join(w, "samples.png"),
+                           "sample_prompts": list(SAMPLE_PROMPTS)},
+    ),
+    Stage(
+        "ask",
+        outputs=lambda w: [os.path.join(w, "answers.json")],
+        commands=lambda w: [
+            _py("unif2ace_jax.data", "export", f"--data_dir={_data_dir(w)}", "--dataset=synthface",
+                f"--config_name={FLAGS.data_config}", "--split=test", f"--num={NUM_ASK_FACES}",
+                f"--out={_faces_dir(w)}"),
+            *[_py("unif2ace_jax.ask", f"--workdir={_unified_dir(w)}",
+                  f"--image={os.path.join(_faces_dir(w), f'face_{i}.png')}",
+                  *[f"--question={q}" for q in ASK_QUESTIONS],
+                  f"> {os.path.join(_faces_dir(w), f'answers_{i}.txt')}")
+              for i in range(NUM_ASK_FACES)],
+            [sys.executable, "-m", "unif2ace_jax.main", "--collect_answers", f"--workdir={w}",
+             f"> {os.path.join(w, 'answers.json')}"],
+        ],
+        summary=lambda w: {"answers": _json(os.path.join(w, "answers.json"))},
+    ),
+    Stage(
+        "evaluate",
+        outputs=lambda w: [os.path.join(w, f"eval_{s}.json") for s in EVAL_SPLITS],
+        commands=lambda w: [
+            _py("unif2ace_jax.evaluate", f"--workdir={_unified_dir(w)}", f"--split={s}",
+                f"--judge_workdir={os.path.join(w, 'judge')}",
+                f"--num_generate={FLAGS.eval_generate}", f"--max_questions={FLAGS.eval_questions}",
+                f"> {os.path.join(w, f'eval_{s}.json')}")
+            for s in EVAL_SPLITS],
+        summary=lambda w: {f"eval_{s}": _brief_eval(_json(os.path.join(w, f"eval_{s}.json")))
+                           for s in EVAL_SPLITS},
     ),
 ]
 
@@ -124,6 +270,17 @@ def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     workdir = FLAGS.workdir
+    if FLAGS.collect_answers:
+        print(json.dumps(collect_answers(workdir)))
+        return
+    if FLAGS.last_metrics:
+        from unif2ace_jax.train.progress import read_metrics
+
+        records = read_metrics(workdir)
+        if not records:
+            raise UserError(f"no metrics in {workdir}")
+        print(json.dumps(records[-1]))
+        return
     os.makedirs(workdir, exist_ok=True)
     names = [s.name for s in STAGES]
     wanted = names if FLAGS.stages == "all" else [s for s in FLAGS.stages.split(",") if s]

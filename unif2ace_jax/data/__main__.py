@@ -7,6 +7,8 @@
     python -m unif2ace_jax.data train_tokenizer --data_dir=DIR --dataset=synthface \\
         --vocab_size=512 --out=DIR/synthface_text.model
     python -m unif2ace_jax.data inspect --data_dir=DIR [--dataset=synthface] [--config_name=...]
+    python -m unif2ace_jax.data export --data_dir=DIR --dataset=synthface --config_name=small_64 \
+        --split=test --num=4 --out=FACES_DIR    # face_<i>.png + faces.json (caption, QA, truth)
 
 Bad input (missing directory, unknown dataset or config, corrupt image, ...) prints one
 `error: ...` line and exits with status 2; a failed build leaves no partial dataset.
@@ -21,7 +23,7 @@ from absl import flags
 
 from unif2ace_jax.errors import UserError, run_cli
 
-COMMANDS = ("build", "train_tokenizer", "inspect")
+COMMANDS = ("build", "train_tokenizer", "inspect", "export")
 
 flags.DEFINE_string("dataset", None, "Dataset name: synthface or unif2ace_130k.")
 flags.DEFINE_string("config_name", None, "Builder config (e.g. tiny_64, small_64, res_256).")
@@ -36,10 +38,11 @@ flags.DEFINE_integer("num_workers", 1, "synthface: processes rendering faces.")
 flags.DEFINE_bool("skip_corrupt", False, "unif2ace_130k: skip (and count) corrupt images.")
 flags.DEFINE_float("test_fraction", 0.01, "unif2ace_130k: test share when the copy has no test split.")
 flags.DEFINE_integer("vocab_size", 512, "train_tokenizer: SentencePiece vocabulary size.")
-flags.DEFINE_string("out", None, "train_tokenizer: output .model file.")
+flags.DEFINE_string("out", None, "train_tokenizer: output .model file; export: output directory.")
+flags.DEFINE_integer("num", 4, "export: number of records (from the start of --split).")
 flags.DEFINE_enum("model_type", "bpe", ["unigram", "bpe"],
                   "train_tokenizer: model type (bpe reaches larger vocabularies on SynthFace).")
-flags.DEFINE_string("split", "train", "train_tokenizer / inspect: split to read.")
+flags.DEFINE_string("split", "train", "train_tokenizer / inspect / export: split to read.")
 
 FLAGS = flags.FLAGS
 
@@ -52,7 +55,8 @@ def main(argv: list[str]) -> None:
     args = argv[1:]
     if len(args) != 1 or args[0] not in COMMANDS:
         raise UserError(f"expected one command, one of {', '.join(COMMANDS)}; got {args or 'none'}")
-    {"build": _build, "train_tokenizer": _train_tokenizer, "inspect": _inspect}[args[0]]()
+    {"build": _build, "train_tokenizer": _train_tokenizer, "inspect": _inspect,
+     "export": _export}[args[0]]()
 
 
 def _require(name: str) -> str:
@@ -147,6 +151,46 @@ def _inspect() -> None:
         else:
             arr = np.asarray(value)
             print(f"  {key}: {arr.dtype} {list(arr.shape)} {np.array2string(arr.ravel()[:8])}")
+
+
+def _export() -> None:
+    """Writes the first `--num` records of `--split` as ``face_<i>.png`` plus ``faces.json``
+    (per face: file, caption, attributes, QA pairs), e.g. to try `ask` on faces with known
+    answers. The directory is filled through a temporary sibling and renamed at the end."""
+    import shutil
+
+    from PIL import Image
+
+    from unif2ace_jax.data import records
+
+    data_dir = _require("data_dir")
+    out = _require("out")
+    if not os.path.isdir(data_dir):
+        raise UserError(f"data directory does not exist: {data_dir}")
+    if FLAGS.num < 1:
+        raise UserError(f"--num must be >= 1, got {FLAGS.num}")
+    builder = records.load_builder(data_dir, FLAGS.dataset or "synthface", FLAGS.config_name)
+    if FLAGS.split not in builder.info.splits:
+        raise UserError(f"split {FLAGS.split!r} not in {builder.info.full_name}; splits: "
+                        f"{', '.join(builder.info.splits)}")
+    source = records.encoded_source(builder, FLAGS.split)
+    tmp = out.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    faces = []
+    for i in range(min(FLAGS.num, len(source))):
+        rec = source[i]
+        name = f"face_{i}.png"
+        image = records.decode_image(bytes(rec[records.IMAGE]), source=f"{FLAGS.split} record {i}")
+        Image.fromarray(image).save(os.path.join(tmp, name))
+        faces.append({"file": name, "caption": records.as_str(rec[records.CAPTION]),
+                      "attributes": json.loads(records.as_str(rec[records.ATTRIBUTES])),
+                      "qa": records.qa_rows(rec[records.QA])})
+    with open(os.path.join(tmp, "faces.json"), "w") as f:
+        json.dump(faces, f, indent=1)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    print(f"wrote {len(faces)} faces of {builder.info.full_name}/{FLAGS.split} to {out}")
 
 
 if __name__ == "__main__":
