@@ -8,6 +8,16 @@ Data: the `data` section of configs/data_synthface.py, reading the pre-tokenised
 (records with `image_codes`, 8x8 codes from the 2^10-code tokenizer of
 configs/tokenizer_synthface_64.py). Model: a small Phi-layout backbone, dense FFN, f32 compute
 (bf16 matmuls are slower on this CPU). `tiny`: a few steps of a very small model for tests.
+
+MoE ablation (paper Table 4), options joined by ',' (e.g. ``configs/synthface_tiny.py:tiny,moe=both``):
+
+    moe=none|token|seq|both   dense FFN / token-level grouped MoE / sequence-level MoE / both
+    off=clip+face             seq-MoE experts replaced by `zero` (their router columns stay)
+    drop=face                 seq-MoE experts removed from their group
+
+With the seq-MoE's clip / face experts on, the records must carry the "clip" / "face" feature
+fields (precomputed by the frozen encoders named in FEATURE_ENCODERS; `data.extra_fields` lists
+them); `off=clip+face` trains without them. The noise expert needs nothing from the records.
 """
 
 import importlib.util
@@ -24,10 +34,92 @@ def _data_config(arg):
     return module.get_config(arg).data
 
 
+MOE_SETTINGS = ("none", "token", "seq", "both")
+# Frozen encoders of the seq-MoE's clip / face experts: registry names
+# (`unif2ace_jax.models.encoders.ENCODERS`) and the widths of their features, which the records
+# carry as the fields "clip" / "face" (data.extra_fields). A name not registered (yet) falls
+# back to "precomputed": the model only reads the record field either way. The `tiny` variant's
+# features are 64 wide (the tests' stand-in features).
+FEATURE_ENCODERS = dict(clip=("synthface_clip", 128), face=("synthface_face", 128))
+TINY_FEATURE_DIM = 64
+
+
+def _parse_arg(arg: str | None) -> dict:
+    """big_vision style: ``"tiny,moe=both,off=clip+face"`` -> options (unknown keys fail)."""
+    opts = dict(tiny=False, moe="none", off="", drop="")
+    for part in filter(None, (arg or "").split(",")):
+        key, _, value = part.partition("=")
+        if key not in opts or (key == "tiny") != (value == ""):
+            raise ValueError(f"unknown variant {part!r} for synthface_tiny; use 'tiny', "
+                             f"'moe=none|token|seq|both', 'off=E1+E2' (experts -> zero), "
+                             f"'drop=E1+E2' (experts removed), joined by ','")
+        opts[key] = True if key == "tiny" else value
+    if opts["moe"] not in MOE_SETTINGS:
+        raise ValueError(f"moe={opts['moe']!r} for synthface_tiny; use one of "
+                         f"{'|'.join(MOE_SETTINGS)}")
+    return opts
+
+
+def _encoder_name(name: str) -> str:
+    try:
+        from unif2ace_jax.models.encoders import ENCODERS
+    except ImportError:
+        return "precomputed"
+    return name if name in ENCODERS else "precomputed"
+
+
+def _apply_moe(config: ml_collections.ConfigDict, opts: dict) -> None:
+    """The MoE ablation settings (paper Table 4) on top of the dense model.
+
+    token: the FFN slot becomes the token-level grouped MoE (DESIGN §4): per group (gen, und)
+    1 shared + 8 routed experts, top-4, so that the active hidden units per token equal the
+    dense FFN's (shared = hidden/2, routed = hidden/8). seq: the sequence-level grouped MoE
+    (DESIGN §5) with und = (copy, copy, clip, face), gen = (copy, copy, zero, noise).
+    ``off`` replaces the named experts by ``zero`` (router columns kept), ``drop`` removes them.
+    """
+    moe, hidden = opts["moe"], int(config.model.ffn.hidden)
+    if moe in ("token", "both"):
+        config.model.ffn = ml_collections.ConfigDict(dict(
+            name="token_moe", num_routed=8, num_shared=1, top_k=4,
+            shared_hidden=hidden // 2, routed_hidden=hidden // 8,
+            dispatch="ragged",  # ragged (dropless) | capacity
+            capacity_factor=1.25, capacity_method="gather", grouped_matmul="auto",
+            block_size=128, renormalize=True,
+            balance_weight_gen=0.01, balance_weight_und=0.01, z_loss_weight=1e-3, use_bias=True))
+    off = [n for n in opts["off"].split("+") if n]
+    drop = [n for n in opts["drop"].split("+") if n]
+    if moe not in ("seq", "both"):
+        if off or drop:
+            raise ValueError("off= / drop= switch seq-MoE experts: use them with moe=seq|both")
+        return
+    groups = dict(und=["copy", "copy", "clip", "face"], gen=["copy", "copy", "zero", "noise"])
+    for name in off + drop:
+        if not any(name in g for g in groups.values()):
+            raise ValueError(f"off/drop names an expert the seq-MoE does not have: {name!r}; "
+                             f"experts: copy, zero, clip, face, noise")
+    groups = {g: ["zero" if n in off else n for n in names if n not in drop]
+              for g, names in groups.items()}
+    noise_dim = 64 if opts["tiny"] else 256
+    feature = dict(kind="feature", resampler="mlp", resampler_hidden=0, num_heads=4,
+                   feature_norm=True, encoder_config=dict())
+    experts = dict(noise=dict(feature, feature_key="mask_ratio", feature_dim=noise_dim,
+                              encoder="noise", encoder_config=dict(
+                                  dim=noise_dim, max_period=10000.0, scale=1000.0)))
+    for key, (encoder, dim) in FEATURE_ENCODERS.items():
+        experts[key] = dict(feature, feature_key=key,
+                            feature_dim=TINY_FEATURE_DIM if opts["tiny"] else dim,
+                            encoder=_encoder_name(encoder))
+    used = {n for names in groups.values() for n in names}
+    config.model.seq_moe = ml_collections.ConfigDict(dict(
+        name="grouped_seq_moe", groups=groups, experts=experts, top_k=2, renormalize=True,
+        balance_weight_und=0.01, balance_weight_gen=0.01, task_key="task",
+        pool_mask_key="pool_mask"))
+    config.data.extra_fields = tuple(k for k in FEATURE_ENCODERS if k in used)
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = arg == "tiny"
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"unknown variant {arg!r} for synthface_tiny; use '' or 'tiny'")
+    opts = _parse_arg(arg)
+    tiny = opts["tiny"]
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 1200
@@ -96,4 +188,5 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.warmup_steps = 1
         config.sampling.steps = 4
         config.sampling.max_answer_tokens = 4
+    _apply_moe(config, opts)
     return config

@@ -7,8 +7,30 @@
 MAGVIT-v2 LFQ codes (8192 = 2^13 codes, 256 px -> 16x16 = 256 image tokens,
 configs/tokenizer_magvit2_256.py), Phi-1.5 layout, float32 parameters with bfloat16 compute,
 layers scanned with a remat policy, parameters and optimizer state fully sharded (fsdp = all
-devices). The FFN slot is dense here; the MoE issue swaps in ``model.ffn.name = "token_moe"``
-(and ``model.seq_moe``). Data: the pre-tokenised UniF2ace-130K (records with ``image_codes``).
+devices). Data: the pre-tokenised UniF2ace-130K (records with ``image_codes`` and the precomputed
+``clip`` (768-d CLIP image embedding) and ``face`` (512-d AntelopeV2-type identity embedding)
+fields the seq-MoE reads, `data.extra_fields`).
+
+The paper's multi-level grouped MoE (DESIGN §4, §5), with every block
+``x + Attn(LN x) + TokenMoE(LN x)`` then ``x + SeqMoE(LN x)``:
+
+* token-level MoE in the FFN slot: per group (gen, und) 1 shared + 8 routed experts, top-4
+  [paper figure]. Widths: shared 1536, routed 512 (1/16 of Phi-1.5's 8192-unit FFN, i.e.
+  fine-grained experts), so a token runs 1536 + 4 x 512 = 3584 hidden units (44 % of the dense
+  FFN's compute) and both groups hold 2 x (1536 + 8 x 512) = 11264 units per layer (1.375x
+  the dense FFN). The paper gives the counts (1 + 8, top-4) and the total (1.8B) but not the
+  widths; these are the widths in multiples of 512 (TPU friendly) that, with those counts, give
+  1.8B. The wider alternative (each group's shared expert = the whole 8192-unit Phi FFN, the
+  natural upcycling from Show-o) already puts the two shared experts at 1.61B and the model
+  past 2.2B, so it is not what a 1.8B model can hold.
+* sequence-level MoE: und = (copy, copy, clip, face), gen = (copy, copy, zero, noise), top-2
+  of a pooled router [paper figure]; feature experts with the gated ``mlp`` resampler of
+  hidden width 256 (their input is one global vector per sequence).
+
+Parameter count (`python -m unif2ace_jax.summary --config=configs/unif2ace_1p8b.py`; text
+vocabulary = Show-o's Phi-1.5 tokenizer, 50,295 ids, ``assumed_text_vocab_size``): 1,800,584,592
+in total; per token 1,029,875,040 (und) / 1,010,797,872 (gen) active. A text tokenizer of another size moves the
+total by 4096 parameters per id (embedding + lm head).
 Optimizer after Show-o's fine-tuning (DESIGN §12): AdamW (0.9, 0.999), wd 0.01, lr 5e-5 with
 1k warm-up and cosine decay. `tiny`: the same layout at CPU size (a smoke run needs a prepared
 dataset like every training run).
@@ -29,6 +51,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.keep_checkpoints = 3
     config.tokenizer_workdir = ""  # the trained MAGVIT-v2 tokenizer (configs/tokenizer_magvit2_256.py)
     config.judge_workdir = ""
+    # Text vocabulary assumed where no tokenizer is at hand (summary, AOT): Show-o's Phi-1.5
+    # tokenizer. The trained model always takes the real size from its tokenizer.
+    config.assumed_text_vocab_size = 50_295
 
     config.data = ml_collections.ConfigDict()
     data = config.data
@@ -39,7 +64,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.eval_split = "test"
     data.image_size = 256
     data.image_field = "image_codes"
-    data.extra_fields = ()
+    data.extra_fields = ("clip", "face")  # precomputed seq-MoE features in the records
     data.max_text_len = 256  # dense captions
     data.max_answer_len = 128  # conversation / description answers
     data.mixture = ml_collections.ConfigDict({"t2i": 1.0, "mmu": 1.0, "lm": 0.1})
@@ -57,8 +82,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         num_image_codes=8192, image_grid=16,
         vocab_pad_to_multiple=256,  # embedding / lm-head rows divide any tensor axis up to 256
         d_model=2048, num_layers=24, num_heads=32,
-        ffn=dict(name="dense", hidden=8192),
-        seq_moe=dict(name="none"),
+        ffn=dict(
+            name="token_moe", num_routed=8, num_shared=1, top_k=4, shared_hidden=1536,
+            routed_hidden=512,
+            dispatch="ragged",  # dropless (ragged_dot on TPU/GPU) | capacity (static shapes)
+            capacity_factor=1.25, capacity_method="gather", grouped_matmul="auto",
+            block_size=128, renormalize=True, balance_weight_gen=0.01, balance_weight_und=0.01,
+            z_loss_weight=1e-3, use_bias=True),
+        seq_moe=dict(
+            name="grouped_seq_moe",
+            groups=dict(und=["copy", "copy", "clip", "face"],
+                        gen=["copy", "copy", "zero", "noise"]),
+            experts=dict(
+                clip=dict(kind="feature", feature_key="clip", feature_dim=768,
+                          encoder="precomputed", encoder_config=dict(), resampler="mlp",
+                          resampler_hidden=256, num_heads=4, feature_norm=True),
+                face=dict(kind="feature", feature_key="face", feature_dim=512,
+                          encoder="precomputed", encoder_config=dict(), resampler="mlp",
+                          resampler_hidden=256, num_heads=4, feature_norm=True),
+                noise=dict(kind="feature", feature_key="mask_ratio", feature_dim=256,
+                           encoder="noise",
+                           encoder_config=dict(dim=256, max_period=10000.0, scale=1000.0),
+                           resampler="mlp", resampler_hidden=256, num_heads=4,
+                           feature_norm=True)),
+            top_k=2, renormalize=True, balance_weight_und=0.01, balance_weight_gen=0.01,
+            task_key="task", pool_mask_key="pool_mask"),
         block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
         dropout_rate=0.0, init_std=0.02, dtype="bfloat16", param_dtype="float32",
         remat_policy="dots_with_no_batch_dims_saveable", scan_layers=True,
@@ -94,7 +142,13 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         data.num_workers = 0
         config.model.update(dict(num_image_codes=1024, image_grid=4, vocab_pad_to_multiple=8,
                                  d_model=64, num_layers=2, num_heads=4, dtype="float32"))
-        config.model.ffn.hidden = 256
+        config.model.ffn.update(dict(shared_hidden=64, routed_hidden=32))
+        for name in ("clip", "face", "noise"):
+            config.model.seq_moe.experts[name].resampler_hidden = 32
+        config.model.seq_moe.experts.clip.feature_dim = 32
+        config.model.seq_moe.experts.face.feature_dim = 32
+        config.model.seq_moe.experts.noise.feature_dim = 32
+        config.model.seq_moe.experts.noise.encoder_config.dim = 32
         config.optim.warmup_steps = 1
         config.sampling.steps = 4
         config.sampling.max_answer_tokens = 8

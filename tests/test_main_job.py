@@ -18,7 +18,8 @@ def test_dry_run_lists_every_stage_in_order(tmp_path):
     assert proc.returncode == 0, proc.stderr[-2000:]
     stages = [line[3:] for line in proc.stdout.splitlines()
               if line.startswith("== ") and ":" not in line]
-    assert stages == ["data", "text_tokenizer", "judge", "tokenizer", "pretokenize", "unified",
+    assert stages == ["data", "text_tokenizer", "judge", "tokenizer", "pretokenize", "encoders",
+                      "embeddings", "unified",
                       "generate", "ask", "evaluate"]
     commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
     train = [c for c in commands if "-m unif2ace_jax.train " in c]

@@ -3,7 +3,9 @@
     python -m unif2ace_jax.ask --workdir=DIR --image=face.png --question="What color is the hair?"
 
 The image is center-cropped and resized to the image tokenizer's resolution, encoded to codes,
-and the answer is decoded greedily with a KV cache. ``--question`` may be repeated (one answer
+and the answer is decoded greedily with a KV cache. A model with a sequence-level MoE gets its
+image features (clip, face) computed on the fly by the frozen encoders the run names
+(`train.state.feature_encoder_specs`). ``--question`` may be repeated (one answer
 line each). Bad input (missing workdir or checkpoint, unreadable image, empty question) prints
 one ``error:`` line and exits with status 2.
 """
@@ -56,19 +58,48 @@ def main(argv: list[str]) -> None:
 
     read_image(FLAGS.image)  # fail on a bad image before loading the model
 
+    from unif2ace_jax.train.state import load_trained
+
+    answers = ask(load_trained(FLAGS.workdir), FLAGS.image, questions,
+                  max_new_tokens=FLAGS.max_tokens)
+    for question, answer in zip(questions, answers):
+        print(answer if len(questions) == 1 else f"{question} -> {answer}")
+
+
+def image_inputs(trained, path: str) -> tuple:
+    """``(codes [1, N] int32, features {key: [1, ...]})`` of an image file for the model.
+
+    The codes come from the run's image tokenizer. A seq-MoE's image features (clip, face) are
+    computed on the fly by the run's frozen encoders (`Trained.image_features`), on the image
+    center-cropped and resized to the records' size (``data.image_size``), as the records'
+    precomputed fields were; ``<key>_present`` is True. No features for other models.
+    """
+    import numpy as np
+
+    image_tokenizer = trained.image_tokenizer
+    image = read_image(path, image_tokenizer.image_size)
+    codes = np.asarray(image_tokenizer.encode(image[None])).reshape(1, -1)
+    features = {}
+    if trained.feature_encoders:
+        size = int(trained.config.data.get("image_size", 0) or 0) or None
+        features = dict(trained.image_features(read_image(path, size)[None]))
+        features.update({f"{k}_present": np.ones((1,), bool) for k in list(features)})
+    return codes, features
+
+
+def ask(trained, image_path: str, questions: list[str], *,
+        max_new_tokens: int | None = None) -> list[str]:
+    """Greedy answers to `questions` about one image file; `trained` is a
+    `train.state.Trained`."""
     import numpy as np
 
     from unif2ace_jax.sampling.vqa import answer_questions
-    from unif2ace_jax.train.state import load_trained
 
-    trained = load_trained(FLAGS.workdir)
-    image_tokenizer = trained.image_tokenizer
-    image = read_image(FLAGS.image, image_tokenizer.image_size)
-    codes = image_tokenizer.encode(image[None]).reshape(1, -1)
-    answers = answer_questions(trained, np.repeat(codes, len(questions), axis=0), questions,
-                               max_new_tokens=FLAGS.max_tokens)
-    for question, answer in zip(questions, answers):
-        print(answer if len(questions) == 1 else f"{question} -> {answer}")
+    codes, features = image_inputs(trained, image_path)
+    n = len(questions)
+    return answer_questions(trained, np.repeat(codes, n, axis=0), questions,
+                            max_new_tokens=max_new_tokens,
+                            features={k: np.repeat(v, n, axis=0) for k, v in features.items()})
 
 
 def _quiet_logs() -> None:

@@ -1,5 +1,5 @@
-"""The main job on the embedded default: data -> judge -> image tokenizer -> unified model
--> samples, answers and evaluation.
+"""The main job on the embedded default: data -> judge -> image tokenizer -> expert encoders
+-> unified model -> samples, answers and evaluation.
 
     python -m unif2ace_jax.main --workdir=runs/default
 
@@ -11,6 +11,8 @@ interrupted run stopped; `--force=STAGE,...` reruns stages). Outputs under `--wo
     judge/                the SynthFace attribute judge; judge_test.json its test accuracy
     tokenizer/            the LFQ image tokenizer; tokenizer_eval.json (PSNR, code usage, judge)
     data/synthface_codes  the records with image codes added (pre-tokenised)
+    encoders/face, encoders/clip   the seq-MoE's frozen face and CLIP-style encoders
+    data/synthface_codes_emb       the records with codes and the encoders' embeddings
     unified/              the unified model (checkpoints, metrics.jsonl, run.json)
     samples.png           faces generated for a few fine-grained prompts (one row per prompt)
     ask_faces/, answers.json  test faces, questions about them, the answers and the truth
@@ -66,8 +68,13 @@ def _json(path: str) -> dict:
         return {}
     with open(path) as f:
         text = f.read().strip()
-    # CLIs print one JSON object as their last line; stage logs may hold progress lines before it.
-    return json.loads(text.splitlines()[-1]) if text else {}
+    if not text:
+        return {}
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        # Progress lines before a one-line JSON object: the object is the last line.
+        return json.loads(text.splitlines()[-1])
 
 
 def _data_dir(w: str) -> str:
@@ -86,11 +93,17 @@ def _unified_dir(w: str) -> str:
     return os.path.join(w, "unified")
 
 
+def _encoder_dir(w: str, kind: str) -> str:
+    return os.path.join(w, "encoders", kind)
+
+
 def _faces_dir(w: str) -> str:
     return os.path.join(w, "ask_faces")
 
 
-CODED_DATASET = "synthface_codes"
+CODED_DATASET = "synthface_codes"  # + image codes
+TRAIN_DATASET = "synthface_codes_emb"  # + the expert encoders' embeddings
+ENCODER_KINDS = ("face", "clip")
 EVAL_SPLITS = ("test", "test_heldout_combos")
 # In SynthFace's vocabulary (data/synthface/attributes.py), phrased like its captions.
 SAMPLE_PROMPTS = (
@@ -113,7 +126,7 @@ NUM_ASK_FACES = 3
 
 
 def _unified_overrides(w: str) -> list[str]:
-    return [f"--config.data.data_dir={_data_dir(w)}", f"--config.data.dataset={CODED_DATASET}",
+    return [f"--config.data.data_dir={_data_dir(w)}", f"--config.data.dataset={TRAIN_DATASET}",
             f"--config.data.config_name={FLAGS.data_config}",
             f"--config.data.tokenizer.model_path={_text_model(w)}",
             f"--config.tokenizer_workdir={_tok_dir(w)}",
@@ -188,6 +201,28 @@ STAGES: list[Stage] = [
                                 f"--data_dir={_data_dir(w)}",
                                 f"--dataset=synthface/{FLAGS.data_config}",
                                 f"--out_data_dir={_data_dir(w)}", f"--name={CODED_DATASET}")],
+    ),
+    Stage(
+        "encoders",
+        outputs=lambda w: [os.path.join(_encoder_dir(w, k), "eval.json") for k in ENCODER_KINDS],
+        commands=lambda w: [
+            _py("unif2ace_jax.train.encoders", f"--kind={k}", f"--workdir={_encoder_dir(w, k)}",
+                f"--config.data.data_dir={_data_dir(w)}",
+                f"--config.data.config={FLAGS.data_config}",
+                f"--config.data.tokenizer.model_path={_text_model(w)}")
+            for k in ENCODER_KINDS],
+        summary=lambda w: {f"encoder_{k}": _json(os.path.join(_encoder_dir(w, k), "eval.json"))
+                           for k in ENCODER_KINDS},
+    ),
+    Stage(
+        "embeddings",
+        outputs=lambda w: [os.path.join(_data_dir(w), TRAIN_DATASET, FLAGS.data_config)],
+        commands=lambda w: [_py(
+            "unif2ace_jax.data.embeddings", f"--data_dir={_data_dir(w)}",
+            f"--dataset={CODED_DATASET}/{FLAGS.data_config}",
+            "--encoders=" + ",".join(f"synthface_{k}" for k in ENCODER_KINDS),
+            "--encoder_workdirs=" + ",".join(_encoder_dir(w, k) for k in ENCODER_KINDS),
+            f"--out_data_dir={_data_dir(w)}", f"--name={TRAIN_DATASET}")],
     ),
     Stage(
         "unified",

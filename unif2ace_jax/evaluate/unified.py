@@ -15,11 +15,15 @@ Prints ONE JSON object:
   width). The fraction of all scored (face, attribute) pairs that are right;
   ``gen_attribute_accuracy_mean`` averages per attribute, ``..._per_attribute`` lists them, and
   ``real_attribute_accuracy`` is the judge on the real faces with the same attribute sets (the
-  ceiling the judge allows).
+  ceiling the judge allows). Generation starts from the caption alone: a seq-MoE's image
+  features (clip / face) are absent there (zeros, ``<name>_present = False``).
 * ``nelbo_bits_per_token``: the caption-conditioned D3Diff NELBO per image token in bits, with
   the ELBO's own forward process (each position masked independently with probability m(τ),
   τ ~ U(0,1)), so its expectation is an upper bound on −log2 p(codes | caption) / N;
   ``--nelbo_samples`` mask draws per image.
+* ``routing`` (models with a token- or sequence-level MoE only): per-layer expert usage per
+  group and the sequence router's choices, and ``routing.figure``, the PNG drawn next to the
+  checkpoints (`evaluate/routing.py`).
 """
 
 from __future__ import annotations
@@ -48,6 +52,17 @@ def _eval_data_config(trained, image_field: str) -> ml_collections.ConfigDict:
     return data
 
 
+def _extra_fields(trained) -> tuple[str, ...]:
+    """The record fields the run's seq-MoE reads (``config.data.extra_fields``)."""
+    return tuple(trained.config.data.get("extra_fields", ()) or ())
+
+
+def _feature_columns(batch, keep: np.ndarray, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
+    """The kept rows of a batch's feature fields (and their ``<name>_present`` masks)."""
+    names = [n for f in fields for n in (f, f"{f}_present") if n in batch]
+    return {n: np.asarray(batch[n])[keep] for n in names}
+
+
 def _eval_batches(trained, split: str, task: str, image_field: str, batch_size: int):
     from unif2ace_jax.data.pipeline import make_eval_iterator
 
@@ -66,6 +81,8 @@ def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
     from unif2ace_jax.sampling.vqa import answer_ids
 
     codes, questions, qlens, refs, types = [], [], [], [], []
+    fields = _extra_fields(trained)
+    feats: dict[str, list[np.ndarray]] = defaultdict(list)
     count = 0
     for batch in _eval_batches(trained, split, "mmu", "image_codes", batch_size):
         keep = np.array(batch["valid"], bool)
@@ -78,6 +95,8 @@ def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
         refs += [row[:n].tolist() for row, n in zip(batch["answer"][keep],
                                                      batch["answer_len"][keep])]
         types += batch["qa_type"][keep].tolist()
+        for name, value in _feature_columns(batch, keep, fields).items():
+            feats[name].append(value)
         if max_questions is not None and count >= max_questions:
             break
     if not refs:
@@ -86,7 +105,8 @@ def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
         "max_answer_tokens", int(trained.config.data.max_answer_len) + 1))
     predictions = answer_ids(trained.model, trained.params, np.concatenate(codes),
                              np.concatenate(questions), np.concatenate(qlens),
-                             max_new_tokens=max_tokens, chunk=batch_size)
+                             max_new_tokens=max_tokens, chunk=batch_size,
+                             features={k: np.concatenate(v) for k, v in feats.items()})
     tok = trained.text_tokenizer
     right = np.array([_normalise(tok.decode(p)) == _normalise(tok.decode(r))
                       for p, r in zip(predictions, refs)])
@@ -182,10 +202,12 @@ def nelbo(trained, split: str, *, max_images: int | None = None, samples: int = 
     loss_cfg.masking = "stratified"
     loss_cfg.cond_dropout = 0.0
     model = trained.model
+    fields = _extra_fields(trained)
 
     @jax.jit
     def bits(params, batch, rng):
-        _, metrics = unified_loss(model, params, batch, rng, loss_cfg, train=False)
+        _, metrics = unified_loss(model, params, batch, rng, loss_cfg, train=False,
+                                  extra_fields=fields)
         return metrics["nelbo_bits_per_token"]
 
     total, weight, count = 0.0, 0, 0
@@ -196,7 +218,7 @@ def nelbo(trained, split: str, *, max_images: int | None = None, samples: int = 
         rows = int(valid.sum())
         if rows == 0:
             break
-        inputs = model_inputs(dict(batch, valid=valid))
+        inputs = model_inputs(dict(batch, valid=valid), fields)
         for s in range(samples):
             rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), b), s)
             total += float(bits(trained.params, inputs, rng)) * rows
@@ -241,5 +263,12 @@ def evaluate(workdir: str, split: str = "test", *, judge_workdir: str | None = N
     result.update(nelbo(trained, split, max_images=max_nelbo_images, samples=nelbo_samples,
                         batch_size=batch_size, seed=seed))
     timing["nelbo"] = time.perf_counter() - t0
+    from unif2ace_jax.evaluate.routing import has_moe, routing_diagnostics
+
+    if has_moe(trained.model):  # per-layer expert usage (JSON) + the activation figure (PNG)
+        t0 = time.perf_counter()
+        result["routing"] = routing_diagnostics(trained, split, batch_size=min(batch_size, 32),
+                                                seed=seed)
+        timing["routing"] = time.perf_counter() - t0
     result["seconds"] = {k: round(v, 1) for k, v in timing.items()}
     return result

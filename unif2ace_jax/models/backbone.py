@@ -14,8 +14,10 @@ registers no branch). Seq-MoE slot contract: the factory is called as
 ``factory(cfg, d_model=..., dtype=..., param_dtype=..., name="seq_moe")`` and returns a module or
 None; the module is called as ``module(h, *, group, valid, features) -> [B, L, D]`` where
 ``features`` is the dict passed to the backbone call (per-sequence expert inputs, e.g. CLIP /
-face embeddings, noise level) or None. Modules registering into `FFN_SLOTS` / `SEQ_MOE_SLOTS`
-must be imported before `build_backbone` runs.
+face embeddings, noise level) or None. When decoding with a cache from `Backbone.init_cache`
+it is called with ``pool_cache={"sum": [B, D], "count": [B]}`` too and returns
+``(y, new_pool_cache)``. Modules registering into `FFN_SLOTS` / `SEQ_MOE_SLOTS` must be imported
+before `build_backbone` runs.
 
 Layers run under ``nn.scan`` (params stacked on a leading ``layers`` axis) or unrolled
 (``layers_0 … layers_{L-1}``); `stack_layer_params` / `unstack_layer_params` convert between the
@@ -49,6 +51,9 @@ ACTIVATION_AXES = ("batch", "length", "act_embed")
 BLOCK_STYLES = ("parallel", "sequential")
 
 SEQ_MOE_SLOTS: Registry = Registry("seq_moe")
+# Cache entries of the seq-MoE router's pooled input (see `Backbone.init_cache`).
+POOL_SUM = "seq_pool_sum"
+POOL_COUNT = "seq_pool_count"
 
 
 @SEQ_MOE_SLOTS.register("none")
@@ -113,7 +118,8 @@ class Block(nn.Module):
 
         ln1 = _layer_norm(self.layer_norm_eps, name="input_layernorm", **kw)
         h = ln1(x)
-        a, new_cache = attn(h, mask=mask, positions=positions, cache=cache,
+        attn_cache = None if cache is None else {"k": cache["k"], "v": cache["v"]}
+        a, new_cache = attn(h, mask=mask, positions=positions, cache=attn_cache,
                             cache_index=cache_index)
         a = drop(a, deterministic=deterministic)
         if self.block_style == "parallel":
@@ -130,7 +136,14 @@ class Block(nn.Module):
             self.seq_moe, d_model=self.d_model, name="seq_moe", **kw)
         if seq_moe is not None:
             ln3 = _layer_norm(self.layer_norm_eps, name="seq_moe_layernorm", **kw)
-            y = seq_moe(ln3(x), group=group, valid=valid, features=features)
+            if cache is not None and POOL_SUM in cache:
+                # Decoding: the router's pooled input accumulates in the cache (see
+                # `Backbone.init_cache`), so a step routes as the full sequence would.
+                y, pool = seq_moe(ln3(x), group=group, valid=valid, features=features,
+                                  pool_cache={"sum": cache[POOL_SUM], "count": cache[POOL_COUNT]})
+                new_cache = dict(new_cache, **{POOL_SUM: pool["sum"], POOL_COUNT: pool["count"]})
+            else:
+                y = seq_moe(ln3(x), group=group, valid=valid, features=features)
             x = x + drop(y, deterministic=deterministic)
         x = nn.with_logical_constraint(x, ACTIVATION_AXES)
         return x, new_cache
@@ -255,10 +268,20 @@ class Backbone(nn.Module):
         return self.logits(hidden), new_cache
 
     def init_cache(self, batch: int, length: int, dtype: Any = None) -> dict:
-        """Zero KV cache ``{"k", "v"}: [num_layers, batch, length, H, Dh]`` (compute dtype)."""
+        """Zero KV cache ``{"k", "v"}: [num_layers, batch, length, H, Dh]`` (compute dtype).
+
+        With a seq-MoE slot it also holds the running sum of the router's pooled input,
+        ``seq_pool_sum [num_layers, batch, D]`` and ``seq_pool_count [num_layers, batch]``
+        (float32): decode steps add their pooled tokens (``features["pool_mask"]``), so a step
+        routes on the same pooled vector as a full pass over the sequence.
+        """
         shape = (self.num_layers, batch, length, self.num_heads, self.head_dim)
         dt = self.dtype if dtype is None else dtype
-        return {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+        cache = {"k": jnp.zeros(shape, dt), "v": jnp.zeros(shape, dt)}
+        if self.seq_moe.get("name", "none") != "none":
+            cache[POOL_SUM] = jnp.zeros((self.num_layers, batch, self.d_model), jnp.float32)
+            cache[POOL_COUNT] = jnp.zeros((self.num_layers, batch), jnp.float32)
+        return cache
 
 
 def stack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict:

@@ -110,7 +110,8 @@ class UnifiedModel:
 
     def forward(self, params: Any, seqs: Mapping[str, jax.Array], *,
                 features: Mapping[str, jax.Array] | None = None,
-                dropout_rng: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                dropout_rng: jax.Array | None = None, aux_parts: bool = False
+                ) -> tuple[jax.Array, Any]:
         """Backbone pass over built sequences.
 
         Args:
@@ -121,15 +122,27 @@ class UnifiedModel:
           dropout_rng: enables dropout (training) when given.
 
         Returns ``(hidden [B, L, D] final-LN states, aux_loss scalar float32)``, the latter the
-        sum of every value the modules sowed into the ``aux_loss`` collection.
+        sum of every value the modules sowed into the ``aux_loss`` collection; with
+        ``aux_parts`` the second item is ``{name: float32 scalar}`` instead, one entry per sown
+        name summed over layers (e.g. ``balance_und, balance_gen, router_z,
+        seq_moe_balance``). With a seq-MoE, ``features["pool_mask"]`` defaults to
+        `seq_routing.prompt_pool_mask` (the router never pools answer tokens).
         """
         mask = omni_attention_mask(seqs["is_pad"], seqs["image_span"])
+        if self.backbone.seq_moe.get("name", "none") != "none" and not (
+                features and "pool_mask" in features):
+            from unif2ace_jax.models.moe.seq_routing import prompt_pool_mask
+
+            features = dict(features or {}, pool_mask=prompt_pool_mask(
+                seqs["valid"], seqs.get("target_weights")))
         rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
         hidden, state = self.backbone.apply(
             {"params": params}, seqs["tokens"], mask=mask, positions=seqs["positions"],
             group=seqs["group"], valid=seqs["valid"], features=features,
             deterministic=dropout_rng is None, return_hidden=True, rngs=rngs,
             mutable=["aux_loss"])
+        if aux_parts:
+            return hidden, aux_loss_parts(state)
         aux = sum((jnp.sum(x).astype(jnp.float32) for x in jax.tree.leaves(state)),
                   jnp.zeros((), jnp.float32))
         return hidden, aux
@@ -160,7 +173,10 @@ class UnifiedModel:
         """``codes [B, N] -> logits [B, N, K]`` for a T2I prompt (the samplers' logits_fn).
 
         `prompt` is a `build_t2i_prompt` dict of batch B; ``codes`` hold K (= mask) at unknown
-        places and are written into the prompt's image positions before each pass.
+        places and are written into the prompt's image positions before each pass. When
+        `features` has ``mask_ratio``, each pass replaces it by `masked_fraction` of the codes
+        it gets (the noise level of the current sampler step, as in training), so the samplers
+        need not know about it.
         """
         positions = prompt["image_positions"]
 
@@ -171,12 +187,27 @@ class UnifiedModel:
             seqs = dict(prompt, tokens=tokens)
             feats = features
             if feats is not None and "mask_ratio" in feats:
-                ratio = (codes == self.num_image_codes).mean(axis=-1).astype(jnp.float32)
-                feats = dict(feats, mask_ratio=ratio)
+                feats = dict(feats, mask_ratio=masked_fraction(codes, self.num_image_codes))
             hidden, _ = self.forward(params, seqs, features=feats)
             return self.image_logits(params, hidden, positions)
 
         return fn
+
+
+def aux_loss_parts(state: Mapping[str, Any]) -> dict[str, jax.Array]:
+    """``{name: float32 scalar}``: the sown ``aux_loss`` values summed per leaf name (over
+    layers and modules); ``state`` is the mutable-collections dict of an ``apply``."""
+    parts: dict[str, jax.Array] = {}
+    for path, leaf in jax.tree_util.tree_leaves_with_path(state.get("aux_loss", {})):
+        keys = [p.key for p in path if isinstance(p, jax.tree_util.DictKey)]
+        name = str(keys[-1]) if keys else "aux"
+        parts[name] = parts.get(name, 0.0) + jnp.sum(leaf).astype(jnp.float32)
+    return parts
+
+
+def masked_fraction(codes: jax.Array, mask_id: int) -> jax.Array:
+    """``codes [B, N] int -> [B] float32``: the fraction of places holding `mask_id`."""
+    return jnp.mean((codes == mask_id).astype(jnp.float32), axis=-1)
 
 
 def default_features(task: jax.Array, mask_ratio: jax.Array,

@@ -66,10 +66,13 @@ def _decode(params, prefix, rng, features, *, model: Backbone, vocab: Vocab,
 
     mask = omni_attention_mask(~valid, prefix["image_span"])
     mask = jnp.concatenate([mask, jnp.zeros((b, p, max_new_tokens), bool)], axis=2)
+    # A seq-MoE router pools the prefix (the prompt) and none of the generated tokens, as the
+    # training pass does (`seq_routing.prompt_pool_mask`); dense models ignore the features.
+    step_features = dict(features or {}, pool_mask=jnp.zeros((b, 1), bool))
     logits, cache = model.apply(
         params, tokens, cache=model.init_cache(b, s), cache_index=0, mask=mask,
-        positions=prefix["positions"], group=prefix["group"], valid=valid, features=features,
-        method=Backbone.decode)
+        positions=prefix["positions"], group=prefix["group"], valid=valid,
+        features=dict(features or {}, pool_mask=valid), method=Backbone.decode)
     first_logits = jnp.take_along_axis(logits, _last_true(valid)[:, None, None], axis=1)[:, 0]
     cache_valid = jnp.concatenate([valid, jnp.zeros((b, max_new_tokens), bool)], axis=1)
     next_pos = jnp.max(jnp.where(valid, prefix["positions"], -1), axis=1) + 1
@@ -104,7 +107,7 @@ def _decode(params, prefix, rng, features, *, model: Backbone, vocab: Vocab,
         logits, cache = model.apply(
             params, token[:, None], cache=cache, cache_index=slot, mask=step_mask,
             positions=(next_pos + t)[:, None], group=jnp.full((b, 1), GROUP_UND, jnp.int32),
-            valid=jnp.ones((b, 1), bool), features=features, method=Backbone.decode)
+            valid=jnp.ones((b, 1), bool), features=step_features, method=Backbone.decode)
         return (t + 1, cache, cache_valid, logits[:, 0], out, step_logits, done, rng)
 
     _, _, _, _, out, step_logits, done, _ = jax.lax.while_loop(cond, body, state)

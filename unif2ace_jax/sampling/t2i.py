@@ -34,6 +34,30 @@ def _sampler_kwargs(sampler: str, noise_temperature: Any, sample_temperature: An
     return {"temperature": sample_temperature}
 
 
+def absent_features(model: UnifiedModel, rows: int) -> dict[str, jax.Array]:
+    """Stand-ins for the image features a caption lacks (T2I from text has no image).
+
+    For every feature expert of the model's seq-MoE that reads a frozen encoder's output
+    (``clip``, ``face``; not the in-model ``noise``): zeros ``[rows, feature_dim]`` and
+    ``<feature_key>_present = False`` (the router cannot pick the expert). The gen group does not
+    hold these experts, but the seq-MoE runs every expert on every row, so the inputs must exist.
+    Empty for models without a seq-MoE.
+    """
+    cfg = model.backbone.seq_moe
+    if cfg.get("name", "none") == "none":
+        return {}
+    from unif2ace_jax.models.encoders import ENCODERS
+    from unif2ace_jax.models.moe.seq_moe import dummy_features, feature_keys
+
+    needed = [k for k, enc in feature_keys(cfg).items() if not ENCODERS.get(enc).in_model]
+    if not needed:
+        return {}
+    zeros = dummy_features(cfg, rows)
+    out = {k: zeros[k] for k in needed}
+    out.update({f"{k}_present": jnp.zeros((rows,), bool) for k in needed})
+    return out
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "num_steps", "text_width",
                                              "use_guidance", "schedule"))
 def _sample_codes(params, caption, caption_len, rng, guidance, noise_temperature,
@@ -52,8 +76,10 @@ def _sample_codes(params, caption, caption_len, rng, guidance, noise_temperature
                               group_assignment=model.group_assignment,
                               position_mode=model.position_mode)
     rows = caption2.shape[0]
+    # mask_ratio here is a placeholder: `code_logits_fn` replaces it at every step by the
+    # fraction of still-masked codes of each row (the noise level the noise expert sees).
     features = default_features(jnp.full((rows,), TASK_T2I, jnp.int32),
-                                jnp.ones((rows,), jnp.float32))
+                                jnp.ones((rows,), jnp.float32), absent_features(model, rows))
     logits_fn = model.code_logits_fn(params, prompt, features)
     if use_guidance:
         logits_fn = paired_forward(logits_fn)

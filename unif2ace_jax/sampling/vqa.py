@@ -9,7 +9,7 @@ answer.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,8 +23,8 @@ from unif2ace_jax.sampling.mmu import mmu_decode
 
 def answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray, question: np.ndarray,
                question_len: np.ndarray, *, max_new_tokens: int = 6, chunk: int = 64,
-               temperature: float = 0.0, top_k: int = 0, seed: int = 0
-               ) -> list[list[int]]:
+               temperature: float = 0.0, top_k: int = 0, seed: int = 0,
+               features: Mapping[str, np.ndarray] | None = None) -> list[list[int]]:
     """Answers as text-id lists (``<eos>`` and what follows removed).
 
     Args:
@@ -32,6 +32,9 @@ def answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray, questi
         question_len: ``[B]``.
       max_new_tokens: the most tokens generated per answer (``<eos>`` included).
       chunk: rows per decoding call (the last chunk is padded).
+      features: per-image seq-MoE inputs, each ``[B, ...]`` (e.g. ``clip [B, Dc]``,
+        ``face [B, Df]``, ``clip_present [B] bool``), from the records or computed on the fly
+        (`data.embeddings.compute_features`); ``task`` and ``mask_ratio`` are added here.
     """
     image_codes = np.asarray(image_codes, np.int32)
     question = np.asarray(question, np.int32)
@@ -45,38 +48,48 @@ def answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray, questi
     width = max(1, int(question_len.max()))
     width = min(question.shape[1], -(-width // 16) * 16)
     question = question[:, :width]
+    features = {k: np.asarray(v) for k, v in (features or {}).items()}
+    for k, v in features.items():
+        if v.shape[:1] != (total,):
+            raise UserError(f"features[{k!r}] must have one row per image ({total}), got shape "
+                            f"{v.shape}")
     chunk = max(1, min(chunk, total))
     variables = {"params": params}
     out: list[list[int]] = []
     for c, start in enumerate(range(0, total, chunk)):
         sl = slice(start, start + chunk)
         codes, q, ql = image_codes[sl], question[sl], question_len[sl]
+        extra = {k: v[sl] for k, v in features.items()}
         n = codes.shape[0]
         if n < chunk:
-            pad = chunk - n
-            codes = np.concatenate([codes, np.zeros((pad, codes.shape[1]), np.int32)])
-            q = np.concatenate([q, np.zeros((pad, q.shape[1]), np.int32)])
-            ql = np.concatenate([ql, np.zeros((pad,), np.int32)])
+            codes, q, ql = _pad_rows(codes, chunk), _pad_rows(q, chunk), _pad_rows(ql, chunk)
+            extra = {k: _pad_rows(v, chunk) for k, v in extra.items()}
         prefix = build_mmu_prefix(codes, q, ql, model.vocab, pad_side="left",
                                   group_assignment=model.group_assignment,
                                   position_mode=model.position_mode)
-        features = default_features(jnp.full((chunk,), TASK_MMU, jnp.int32),
-                                    jnp.zeros((chunk,), jnp.float32))
+        feats = default_features(jnp.full((chunk,), TASK_MMU, jnp.int32),
+                                 jnp.zeros((chunk,), jnp.float32), extra)
         result = mmu_decode(model.backbone, variables, prefix, vocab=model.vocab,
                             max_new_tokens=int(max_new_tokens),
                             rng=jax.random.fold_in(jax.random.key(seed), c),
                             temperature=float(temperature), top_k=int(top_k),
-                            features=features)
+                            features=feats)
         tokens = np.asarray(result["tokens"])[:n]
         lengths = np.asarray(result["length"])[:n]
         out.extend([row[:length].tolist() for row, length in zip(tokens, lengths)])
     return out
 
 
+def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
+    """`x` with zero (False) rows appended up to `rows`."""
+    return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
+
+
 def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str], *,
-                     max_new_tokens: int | None = None, chunk: int = 64) -> list[str]:
+                     max_new_tokens: int | None = None, chunk: int = 64,
+                     features: Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Answer strings for (image codes ``[B, N]``, question strings); `trained` is a
-    `train.state.Trained`."""
+    `train.state.Trained`; `features` as in `answer_ids` (one row per image)."""
     from unif2ace_jax.sampling.t2i import encode_texts
 
     if len(questions) != len(image_codes):
@@ -86,5 +99,5 @@ def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str],
     if max_new_tokens is None:
         max_new_tokens = int(trained.config.get("sampling", {}).get("max_answer_tokens", 8))
     answers = answer_ids(trained.model, trained.params, image_codes, ids, lens,
-                         max_new_tokens=max_new_tokens, chunk=chunk)
+                         max_new_tokens=max_new_tokens, chunk=chunk, features=features)
     return [tok.decode(a) for a in answers]

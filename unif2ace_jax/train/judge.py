@@ -15,42 +15,17 @@ import os
 import time
 from typing import Any
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
-from jax.sharding import Mesh, NamedSharding
 
-from unif2ace_jax.checkpoint.manager import Checkpointer
 from unif2ace_jax.data import images as images_lib
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.judge import AttributeJudge, judge_loss, make_judge
-from unif2ace_jax.parallel import mesh as mesh_lib
-from unif2ace_jax.parallel import rules as rules_lib
+from unif2ace_jax.train import loop
 from unif2ace_jax.train.optim import make_optimizer
-from unif2ace_jax.train.progress import MetricsLogger, format_duration
-
-
-def init_state(model: AttributeJudge, tx: optax.GradientTransformation, mesh: Mesh,
-               rules: rules_lib.Rules, image_shape: tuple[int, ...], rng: jax.Array
-               ) -> tuple[dict, Any]:
-    """The train state {"step", "params", "opt_state"} laid out on `mesh`, and its shardings.
-
-    Shapes come from `jax.eval_shape` (nothing is materialised twice); the jitted init writes
-    each array directly in its sharding.
-    """
-    dummy = jnp.zeros((1,) + tuple(image_shape), jnp.uint8)
-
-    def boxed_init(key):
-        params = model.init(key, dummy)["params"]
-        return {"step": jnp.zeros((), jnp.int32), "params": params, "opt_state": tx.init(params)}
-
-    abstract = jax.eval_shape(boxed_init, rng)
-    shardings = rules_lib.logical_shardings(abstract, mesh, rules)
-    state = jax.jit(lambda key: nn.meta.unbox(boxed_init(key)), out_shardings=shardings)(rng)
-    return state, shardings
+from unif2ace_jax.train.progress import format_duration
 
 
 def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
@@ -77,32 +52,15 @@ def make_train_step(model: AttributeJudge, tx: optax.GradientTransformation,
     (the randomness depends only on (seed, step), so a resumed run repeats it exactly).
     """
 
-    def step_fn(state, batch):
+    def loss_fn(params, batch, step):
         images = batch["image"]
         if augment_shift:
-            key = jax.random.fold_in(jax.random.key(seed), state["step"])
-            images = random_shift(images, key, augment_shift)
+            images = random_shift(images, jax.random.fold_in(jax.random.key(seed), step),
+                                  augment_shift)
+        loss, aux = judge_loss(model.apply({"params": params}, images), batch["labels"])
+        return loss, {"acc": aux["accuracy"]}
 
-        def loss_fn(params):
-            logits = model.apply({"params": params}, images)
-            return judge_loss(logits, batch["labels"])
-
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state["params"])
-        updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-        params = optax.apply_updates(state["params"], updates)
-        metrics = {"loss": loss, "acc": aux["accuracy"], "lr": schedule(state["step"]),
-                   "grad_norm": optax.global_norm(grads)}
-        return {"step": state["step"] + 1, "params": params, "opt_state": opt_state}, metrics
-
-    replicated = NamedSharding(next(iter(jax.tree.leaves(state_shardings))).mesh,
-                               jax.sharding.PartitionSpec())
-    return jax.jit(step_fn, in_shardings=(state_shardings, batch_shardings),
-                   out_shardings=(state_shardings, replicated), donate_argnums=0)
-
-
-def _global_batch(local: dict, shardings: dict) -> dict:
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-            for k, v in local.items()}
+    return loop.make_train_step(loss_fn, tx, schedule, state_shardings, batch_shardings)
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
@@ -115,73 +73,35 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     from unif2ace_jax.evaluate import judge as judge_eval  # the saved-judge format lives there
 
     steps = int(config.train.steps)
-    global_batch = int(config.train.batch_size)
-    if steps <= 0 or global_batch <= 0:
-        raise UserError(f"train.steps and train.batch_size must be positive, got "
-                        f"{steps} and {global_batch}")
-    mesh = mesh_lib.make_mesh(config.mesh, config.get("dcn_mesh", None))
-    rules = rules_lib.get_rules(tuple(config.sharding.get("rules", ())))
-    if global_batch % jax.process_count():
-        raise UserError(f"train.batch_size {global_batch} is not divisible by the "
-                        f"{jax.process_count()} processes")
-    batch_axis = dict(rules)["batch"]
-    batch_axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis or ())
-    shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
-    if global_batch % shards:
-        raise UserError(f"train.batch_size {global_batch} is not divisible by the {shards} "
-                        f"data-parallel shards of the mesh")
-    local_batch = global_batch // jax.process_count()
+    layout = loop.setup_mesh(config, int(config.train.batch_size), steps)
 
     os.makedirs(workdir, exist_ok=True)
     t_data = time.perf_counter()
     if config.data.get("cache", False):
         print(f"[judge] reading {config.data.num_examples} training faces into memory "
               f"({config.data.source})", flush=True)
-    iterator = images_lib.image_batches(config.data, "train", local_batch, seed=config.seed,
+    iterator = images_lib.image_batches(config.data, "train", layout.local_batch,
+                                        seed=config.seed,
                                         num_threads=int(config.data.get("num_threads", 2)))
     image_size = int(config.data.image_size)
-    num_values = images_lib.num_values()
-    model = make_judge(config.model, num_values)
+    model = make_judge(config.model, images_lib.num_values())
     tx, schedule = make_optimizer(config.optim, steps)
-    state, state_shardings = init_state(model, tx, mesh, rules, (image_size, image_size, 3),
-                                        jax.random.key(config.seed))
-    batch_shardings = {"image": rules_lib.batch_sharding(mesh, rules, 4),
-                       "labels": rules_lib.batch_sharding(mesh, rules, 2)}
+    dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
+    state, state_shardings = loop.init_state(lambda key: model.init(key, dummy)["params"], tx,
+                                             layout, jax.random.key(config.seed))
+    batch_shardings = layout.batch_shardings({"image": 4, "labels": 2})
     train_step = make_train_step(model, tx, schedule, state_shardings, batch_shardings,
                                  augment_shift=int(config.train.get("augment_shift", 0)),
                                  seed=int(config.seed))
-
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                save_interval_steps=int(config.train.checkpoint_every))
-    first_step = 0
-    if checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        state = checkpointer.restore(abstract, iterator)
-        first_step = int(state["step"])
-        print(f"[judge] resumed from step {first_step} in {workdir}", flush=True)
-    print(f"[judge] data ready in {format_duration(time.perf_counter() - t_data)}; "
-          f"{sum(x.size for x in jax.tree.leaves(state['params'])):,} parameters; "
-          f"mesh {dict(mesh.shape)}", flush=True)
-
-    logger = MetricsLogger(workdir, steps, name="judge", items_name="img", first_step=first_step)
-    t_train = time.perf_counter()
-    log_every = max(int(config.train.log_every), 1)
-    step = first_step
-    last = steps if stop_at is None else min(steps, int(stop_at))
-    while step < last:
-        batch = _global_batch(next(iterator), batch_shardings)
-        state, metrics = train_step(state, batch)
-        step += 1
-        logger.count(global_batch)
-        if step % log_every == 0 or step == last:
-            logger.log(step, jax.device_get(metrics))
-        checkpointer.save(step, state, iterator, force=step == last)
-    checkpointer.close()
-    train_seconds = time.perf_counter() - t_train
-    if step < steps:
-        print(f"[judge] stopped at step {step}; run again to resume", flush=True)
+    run = loop.fit("judge", workdir, state=state, state_shardings=state_shardings,
+                   train_step=train_step, iterator=iterator, batch_shardings=batch_shardings,
+                   steps=steps, log_every=int(config.train.log_every),
+                   checkpoint_every=int(config.train.checkpoint_every), stop_at=stop_at,
+                   on_start=loop.describe_start("judge", state, layout, t_data))
+    if not run.finished:
         return None
+    state, step, first_step, train_seconds, logger = (run.state, run.step, run.first_step,
+                                                      run.train_seconds, run.logger)
 
     params = jax.device_get(state["params"])
     judge_eval.save_judge(workdir, config, params)

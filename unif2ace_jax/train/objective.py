@@ -58,6 +58,27 @@ def model_inputs(batch: Mapping[str, Any], extra_fields: tuple[str, ...] = ()) -
     return out
 
 
+def record_features(batch: Mapping[str, Any], extra_fields: tuple[str, ...],
+                    task: jax.Array) -> dict[str, jax.Array]:
+    """The records' feature fields of a batch for the seq-MoE (``features`` entries).
+
+    Each name of `extra_fields` present in `batch` (``[B, ...]``) comes with
+    ``<name>_present [B] bool``: the batch's own mask (True when absent) and False on LM rows,
+    whose text is not about the record's image, so the router cannot pick a feature expert
+    there. ``task: [B] int``.
+    """
+    out: dict[str, jax.Array] = {}
+    not_lm = jnp.asarray(task) != TASK_LM
+    for name in extra_fields:
+        if name not in batch:
+            continue
+        out[name] = batch[name]
+        present = batch.get(f"{name}_present")
+        present = not_lm if present is None else jnp.asarray(present, bool) & not_lm
+        out[f"{name}_present"] = present
+    return out
+
+
 def mask_t2i_codes(rng: jax.Array, codes: jax.Array, is_t2i: jax.Array, *, mask_id: int,
                    schedule: str = "cosine", mode: str = "count"
                    ) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -94,10 +115,8 @@ def prepare_inputs(model: UnifiedModel, batch: Mapping[str, jax.Array], rng: jax
     cond_dropout = float(loss_cfg.get("cond_dropout", 0.0)) if train else 0.0
     seqs = model.sequences(dict(batch, image_codes=codes_in), rng=k_drop,
                            cond_dropout=cond_dropout)
-    extra = {n: batch[n] for n in extra_fields if n in batch}
-    extra.update({f"{n}_present": batch[f"{n}_present"] for n in extra_fields
-                  if f"{n}_present" in batch})
-    features = default_features(task, jnp.where(is_t2i, ratio, 0.0), extra)
+    features = default_features(task, jnp.where(is_t2i, ratio, 0.0),
+                                record_features(batch, extra_fields, task))
     dropout_rng = k_dropout if train and model.backbone.dropout_rate > 0 else None
     return {"seqs": seqs, "features": features, "codes": codes, "masked": masked,
             "mask_ratio": ratio, "is_t2i": is_t2i, "valid": valid, "task": task,
@@ -109,8 +128,9 @@ def loss_from_inputs(model: UnifiedModel, params: Any, inputs: Mapping[str, Any]
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The deterministic part: forward pass and the weighted sum of the losses."""
     seqs, task, valid = inputs["seqs"], inputs["task"], inputs["valid"]
-    hidden, aux_loss = model.forward(params, seqs, features=inputs["features"],
-                                     dropout_rng=inputs["dropout_rng"])
+    hidden, aux_parts = model.forward(params, seqs, features=inputs["features"],
+                                      dropout_rng=inputs["dropout_rng"], aux_parts=True)
+    aux_loss = sum(aux_parts.values(), jnp.zeros((), jnp.float32))
 
     img_logits = model.image_logits(params, hidden, seqs["image_positions"])
     t2i_loss, d3 = d3diff_loss(
@@ -135,6 +155,7 @@ def loss_from_inputs(model: UnifiedModel, params: Any, inputs: Mapping[str, Any]
         "mask_accuracy": d3["mask_accuracy"], "num_masked": d3["num_masked"],
         "mmu_loss": mmu_loss, "mmu_accuracy": mmu["accuracy"], "num_mmu_tokens": mmu["num_tokens"],
         "lm_loss": lm_loss, "num_lm_tokens": lm["num_tokens"], "aux_loss": aux_loss,
+        **{f"aux/{name}": value for name, value in aux_parts.items()},
     }
     return loss, {k: jnp.asarray(v, jnp.float32) for k, v in metrics.items()}
 
@@ -156,7 +177,9 @@ def unified_loss(model: UnifiedModel, params: Any, batch: Mapping[str, jax.Array
 
     Returns ``(loss, metrics)``; metrics are float32 scalars: ``loss, t2i_loss, mask_ce,
     score_entropy, nelbo_bits_per_token, mask_accuracy, mmu_loss, mmu_accuracy, lm_loss,
-    aux_loss`` and the counts ``num_masked, num_mmu_tokens, num_lm_tokens``.
+    aux_loss`` (each MoE part also as ``aux/<name>``, e.g. ``aux/balance_gen``, ``aux/router_z``,
+    ``aux/seq_moe_balance``, already weighted) and the counts ``num_masked, num_mmu_tokens,
+    num_lm_tokens``.
     """
     inputs = prepare_inputs(model, batch, rng, loss_cfg, train=train, extra_fields=extra_fields)
     return loss_from_inputs(model, params, inputs, loss_cfg)

@@ -8,7 +8,9 @@ A training workdir holds (written by `train.train`)::
 
     DIR/run.json           {"config": <the full config>, "text_tokenizer": <abs path>,
                             "tokenizer_workdir": <abs path or "">, "text_vocab_size": V_text,
-                            "num_image_codes": K, "image_grid": h}
+                            "num_image_codes": K, "image_grid": h,
+                            "feature_shapes": {...}, optionally "feature_encoders":
+                            {key: {"encoder", "workdir"}} (see `feature_encoder_specs`)}
     DIR/checkpoints/       Orbax: "state" (this dict) + "data" (the input iterator position)
     DIR/metrics.jsonl
 
@@ -147,6 +149,7 @@ class Trained:
     rules: rules_lib.Rules
     _text_tokenizer: Any = None
     _image_tokenizer: Any = None
+    _feature_encoders: Any = None
 
     @property
     def text_tokenizer(self):
@@ -172,6 +175,116 @@ class Trained:
                                 f"(config.tokenizer_workdir was empty)")
             self._image_tokenizer = load_tokenizer(path)
         return self._image_tokenizer
+
+    @property
+    def feature_encoders(self) -> dict:
+        """``{feature_key: LoadedEncoder}``: the frozen encoders of the seq-MoE's image
+        features (e.g. clip, face), loaded on first use (`feature_encoder_specs` says where
+        from). Empty when the model reads no such feature."""
+        if self._feature_encoders is None:
+            from unif2ace_jax.models.encoders import load_encoder
+
+            specs = feature_encoder_specs(self.config, self.info, strict=True)
+            self._feature_encoders = {
+                key: load_encoder(spec["encoder"], {"workdir": spec["workdir"],
+                                                    "path": spec["workdir"],
+                                                    "output": spec.get("output", "pooled")})
+                for key, spec in specs.items()}
+        return self._feature_encoders
+
+    def image_features(self, images) -> dict:
+        """Seq-MoE features of new images computed on the fly: uint8 ``[B, H, W, 3]`` ->
+        ``{feature_key: float32 [B, D]}`` (what a prepared record would hold; `data.embeddings`)."""
+        from unif2ace_jax.data.embeddings import compute_features
+
+        encoders = self.feature_encoders
+        return compute_features(encoders, images) if encoders else {}
+
+
+def frozen_feature_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
+    """``{feature_key: encoder name}`` of the seq-MoE features made by frozen encoders outside
+    the model (clip, face; the in-model ``noise`` is left out). Empty without a seq-MoE."""
+    seq_moe = config.model.get("seq_moe", None)
+    if seq_moe is None or seq_moe.get("name", "none") == "none":
+        return {}
+    from unif2ace_jax.models.encoders import ENCODERS
+    from unif2ace_jax.models.moe.seq_moe import feature_keys
+
+    return {k: enc for k, enc in feature_keys(seq_moe).items() if not ENCODERS.get(enc).in_model}
+
+
+def _dataset_embeddings(data: ml_collections.ConfigDict) -> dict:
+    """``metadata.json["embeddings"]["fields"]`` of the run's dataset (written by
+    `data.embeddings`), or {} when it has none or is gone."""
+    try:
+        from unif2ace_jax.data import records
+
+        builder = records.load_builder(data.data_dir, data.dataset,
+                                       data.get("config_name") or None)
+        path = os.path.join(str(builder.data_dir), "metadata.json")
+        with open(path) as f:
+            made = json.load(f).get("embeddings", {})
+        return {k: dict(v, output=made.get("output", "pooled"))
+                for k, v in made.get("fields", {}).items()}
+    except Exception:  # noqa: BLE001  (no dataset, no metadata: nothing recorded there)
+        return {}
+
+
+def feature_encoder_specs(config: ml_collections.ConfigDict,
+                          info: Mapping[str, Any] | None = None, *,
+                          strict: bool = False) -> dict[str, dict]:
+    """Where the frozen encoders of the run's seq-MoE features are: ``{feature_key: {"encoder":
+    name, "workdir": dir}}`` (what `ask` needs to compute the features of a new image).
+
+    Looked up, first found wins, per feature key:
+
+    1. ``run.json["feature_encoders"][key]`` (`info`; recorded at training time);
+    2. ``config.encoders.<key>.workdir`` (and optional ``.name``);
+    3. ``config.model.seq_moe.experts.<expert>.encoder_config.workdir`` (or ``.path``);
+    4. the training dataset's ``metadata.json`` (`data.embeddings` records the encoder and
+       workdir of every field it wrote).
+
+    The encoder name is the expert's ``encoder`` unless that is ``precomputed``; then it comes
+    from the same source as the workdir. With ``strict`` a key found nowhere is a UserError;
+    otherwise it is left out (use this at training time to record what is known).
+    """
+    keys = frozen_feature_keys(config)
+    if not keys:
+        return {}
+    recorded = dict((info or {}).get("feature_encoders") or {})
+    encoders_cfg = config.get("encoders", None) or {}
+    experts = config.model.seq_moe.get("experts", None) or {}
+    from_data = None
+    out = {}
+    for key, encoder in keys.items():
+        spec = dict(recorded.get(key) or {})
+        if not spec.get("workdir") and key in encoders_cfg and encoders_cfg[key].get("workdir"):
+            spec = {"workdir": encoders_cfg[key].workdir,
+                    "encoder": encoders_cfg[key].get("name", None)}
+        if not spec.get("workdir"):
+            for expert in experts.values():
+                enc_cfg = expert.get("encoder_config", None) or {}
+                if expert.get("feature_key") == key and (enc_cfg.get("workdir", None)
+                                                         or enc_cfg.get("path", None)):
+                    spec = {"workdir": enc_cfg.get("workdir", None) or enc_cfg.get("path")}
+                    break
+        if not spec.get("workdir"):
+            if from_data is None:
+                from_data = _dataset_embeddings(config.data)
+            spec = dict(from_data.get(key) or {})
+        if not spec.get("encoder") or spec.get("encoder") == "precomputed":
+            spec["encoder"] = encoder if encoder != "precomputed" else spec.get("encoder")
+        if not spec.get("workdir") or not spec.get("encoder") or spec["encoder"] == "precomputed":
+            if strict:
+                raise UserError(
+                    f"the run's seq-MoE reads the image feature {key!r}, but the run records no "
+                    f"encoder to compute it from a new image; set config.encoders.{key}.workdir "
+                    f"(and .name) or train on a dataset prepared by python -m "
+                    f"unif2ace_jax.data.embeddings")
+            continue
+        out[key] = {"encoder": str(spec["encoder"]), "workdir": os.path.abspath(spec["workdir"]),
+                    **({"output": spec["output"]} if spec.get("output") else {})}
+    return out
 
 
 def model_from_info(info: Mapping[str, Any]) -> UnifiedModel:
@@ -219,4 +332,10 @@ def _saved_features(info: Mapping[str, Any]) -> dict | None:
     shapes = info.get("feature_shapes") or {}
     if not shapes:
         return None
-    return {k: jnp.zeros(tuple(v["shape"]), v["dtype"]) for k, v in shapes.items()}
+    from unif2ace_jax.models.unified import default_features
+
+    # The recorded fields leave out task / mask_ratio (the noise expert's input): add them back.
+    extra = {k: jnp.zeros(tuple(v["shape"]), v["dtype"]) for k, v in shapes.items()}
+    rows = next(iter(extra.values())).shape[0]
+    return default_features(jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), jnp.float32),
+                            extra)

@@ -46,6 +46,7 @@ from unif2ace_jax.checkpoint.manager import Checkpointer
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.unified import UnifiedModel, build_model, default_features
 from unif2ace_jax.parallel import mesh as mesh_lib
+from unif2ace_jax.parallel import presets as presets_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import state as state_lib
 from unif2ace_jax.train.objective import model_inputs, unified_loss
@@ -205,6 +206,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     total_steps = int(config.total_steps)
     if total_steps <= 0:
         raise UserError(f"total_steps must be positive, got {total_steps}")
+    config = presets_lib.apply_preset(config)  # config.sharding.preset -> mesh + rules
     mesh = mesh_lib.make_mesh(config.mesh, config.get("dcn_mesh", None))
     rules = rules_lib.get_rules(tuple(config.get("sharding", {}).get("rules", ())))
     global_batch = int(config.data.batch_size)
@@ -260,7 +262,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         text_tokenizer_name=config.data.tokenizer.name,
         tokenizer_workdir=os.path.abspath(tok_dir) if tok_dir else "",
         text_vocab_size=int(text_tokenizer.vocab_size), num_image_codes=k, image_grid=grid,
-        feature_shapes=_feature_shapes(init_features))
+        feature_shapes=_feature_shapes(init_features),
+        feature_encoders=state_lib.feature_encoder_specs(config))
     seq_len = first["text"].shape[1] + first["answer"].shape[1] + grid * grid + 5
     print(f"[train] {state_lib.count_params(state['params']):,} parameters; vocab "
           f"{model.vocab.size} (text {text_tokenizer.vocab_size}, {k} image codes, {grid}x{grid} "

@@ -20,6 +20,8 @@ noise          yes       mask ratio ``[B]``          ``[B, dim]``
 precomputed    no        (already a feature)         ``[B, dim]`` or ``[B, T, dim]``
 clip_vision    no        uint8 images ``[B,H,W,3]``  ``[B, D]`` (``output="pooled"``) or
                                                      ``[B, T, D]`` (``output="tokens"``)
+synthface_face no        uint8 images ``[B,H,W,3]``  same (``encoder_config.workdir``: the
+synthface_clip no        uint8 images ``[B,H,W,3]``  workdir of ``train.encoders --kind=...``)
 =============  ========  ==========================  ====================================
 """
 
@@ -33,7 +35,7 @@ import jax
 import ml_collections
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.encoders import clip_vision, noise
+from unif2ace_jax.models.encoders import clip_vision, noise, synthface_saved
 from unif2ace_jax.registry import Registry
 
 
@@ -77,16 +79,37 @@ def _clip_load(cfg) -> tuple[nn.Module, Any]:
     return clip_vision.load_clip_vision(path)
 
 
-def _clip_select(cfg, out: Mapping[str, jax.Array]) -> jax.Array:
-    which = (cfg or {}).get("output", "pooled")
-    if which not in out:
-        raise UserError(f"clip_vision output must be one of {sorted(out)}, got {which!r}")
-    return out[which]
+def _output_select(encoder: str) -> Callable[[Any, Mapping[str, jax.Array]], jax.Array]:
+    """``encoder_config.output`` ("pooled", default, or "tokens") picks the feature."""
+
+    def select(cfg, out: Mapping[str, jax.Array]) -> jax.Array:
+        which = (cfg or {}).get("output", "pooled")
+        if which not in out:
+            raise UserError(f"{encoder} output must be one of {sorted(out)}, got {which!r}")
+        return out[which]
+
+    return select
 
 
 ENCODERS.register("clip_vision")(EncoderSpec(
-    in_model=False, load=_clip_load, select=_clip_select,
+    in_model=False, load=_clip_load, select=_output_select("clip_vision"),
     prepare=lambda module, raw: clip_vision.clip_preprocess(raw, module.settings.image_size)))
+
+
+def _synthface_spec(kind: str) -> EncoderSpec:
+    """A trained SynthFace encoder (`synthface_saved`); images are resized by the model."""
+
+    def workdir(cfg) -> str:
+        return (cfg or {}).get("workdir", None) or ""
+
+    return EncoderSpec(
+        in_model=False, select=_output_select(f"synthface_{kind}"),
+        load=lambda cfg: synthface_saved.load_image_encoder(workdir(cfg), kind),
+        output_dim=lambda cfg: synthface_saved.embed_dim(workdir(cfg), kind))
+
+
+ENCODERS.register("synthface_face")(_synthface_spec("face"))
+ENCODERS.register("synthface_clip")(_synthface_spec("clip"))
 
 
 @dataclasses.dataclass

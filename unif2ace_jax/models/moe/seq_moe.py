@@ -23,9 +23,13 @@ but a sequence routed to copy+copy gets exactly ``h``.
 All feature experts run on every sequence (dense); their cost is small next to the block
 (an MLP on one vector, or L×T cross-attention) and it keeps shapes static.
 
-Caveat, KV-cache decoding: `Backbone.decode` hands the module only the new tokens, so a decode
-step pools (and routes) over those alone, unlike the full-sequence pass. Consistent decoding needs
-the per-layer prefill decision carried in the cache (a backbone change), or no cache.
+KV-cache decoding: `Backbone.decode` hands the module only the new tokens, plus
+``pool_cache={"sum" [B, D], "count" [B]}`` (the pooled tokens so far, kept in the backbone's
+cache); the module adds the new tokens that ``pool_mask`` allows and routes on
+``sum / count``, returning ``(y, new_pool_cache)``. `UnifiedModel.forward` sets
+``pool_mask = seq_routing.prompt_pool_mask(...)`` (prompt only, never the answer) and the MMU
+decoder pools the prefix and none of the generated tokens, so decoding routes exactly as the
+full recomputation does.
 
 Sown: ``aux_loss/seq_moe_balance`` (``λ_und·B_und + λ_gen·B_gen``, Switch balance over sequences,
 `seq_routing.balance_loss`); ``intermediates/seq_moe_choices [B, k]`` (router columns, most
@@ -103,7 +107,8 @@ class GroupedSeqMoE(nn.Module):
 
     @nn.compact
     def __call__(self, h: jax.Array, *, group: jax.Array, valid: jax.Array,
-                 features: Mapping[str, jax.Array] | None = None) -> jax.Array:
+                 features: Mapping[str, jax.Array] | None = None,
+                 pool_cache: Mapping[str, jax.Array] | None = None):
         n_und, n_gen = len(self.und), len(self.gen)
         cols = self.columns
         b = h.shape[0]
@@ -118,7 +123,13 @@ class GroupedSeqMoE(nn.Module):
         pool = valid
         if features is not None and self.pool_mask_key in features:
             pool = valid & jnp.asarray(features[self.pool_mask_key], bool)
-        pooled = routing.pooled_mean(h, pool)
+        if pool_cache is None:
+            pooled = routing.pooled_mean(h, pool)
+        else:
+            new_sum, new_count = routing.pooled_sum(h, pool)
+            pool_cache = {"sum": pool_cache["sum"] + new_sum,
+                          "count": pool_cache["count"] + new_count}
+            pooled = pool_cache["sum"] / jnp.maximum(pool_cache["count"], 1.0)[:, None]
         logits = jnp.dot(pooled, router.astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
         allowed = routing.eligible(seq_group, n_und, n_gen, self._available(features, b))
@@ -156,6 +167,8 @@ class GroupedSeqMoE(nn.Module):
         picked = jnp.sum(jax.nn.one_hot(indices, n_und + n_gen) * (gates > 0)[..., None], axis=1)
         self.sow("intermediates", "seq_moe_usage",
                  jnp.sum(picked * seq_valid[:, None], axis=0))
+        if pool_cache is not None:
+            return out.astype(self.dtype), pool_cache
         return out.astype(self.dtype)
 
 

@@ -30,6 +30,33 @@ def pooled_mean(h: jax.Array, valid: jax.Array) -> jax.Array:
     return total / count
 
 
+def pooled_sum(h: jax.Array, mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Sum and count of the tokens `pooled_mean` averages (the running state of decoding).
+
+    ``h: [B, L, D]``, ``mask: [B, L] bool -> (sum [B, D] float32, count [B] float32)``;
+    ``pooled_mean(h, mask) == sum / max(count, 1)``.
+    """
+    w = mask.astype(jnp.float32)
+    return jnp.einsum("bld,bl->bd", h.astype(jnp.float32), w), jnp.sum(w, axis=1)
+
+
+def prompt_pool_mask(valid: jax.Array, target_weights: jax.Array | None = None) -> jax.Array:
+    """Tokens the sequence router may pool over: the valid tokens that no text loss predicts.
+
+    ``valid: [B, L] bool``, ``target_weights: [B, L]`` (position i weighs the prediction of
+    token i + 1; None for a prompt without targets) -> ``[B, L] bool``. MMU rows keep
+    ``<mmu> … question`` (not the answer or its ``<eos>``), LM rows keep ``<bos>``, T2I rows
+    keep everything. So the routing decision never sees a token it helps to predict, and a
+    decoding prefix pools exactly what the training pass pooled.
+    """
+    valid = jnp.asarray(valid, bool)
+    if target_weights is None:
+        return valid
+    predicted = jnp.asarray(target_weights) > 0
+    predicted = jnp.concatenate([jnp.zeros_like(predicted[:, :1]), predicted[:, :-1]], axis=1)
+    return valid & ~predicted
+
+
 def sequence_group(group: jax.Array, valid: jax.Array,
                    task: jax.Array | None = None) -> jax.Array:
     """The group of each sequence, ``[B] int32`` (0 und, 1 gen).
