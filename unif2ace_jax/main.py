@@ -41,7 +41,8 @@ flags.DEFINE_string("force", "", "Comma-separated stages to rerun even if their 
 flags.DEFINE_string("data_config", "small_64", "SynthFace builder config for the main job.")
 flags.DEFINE_integer("text_vocab_size", 512, "SentencePiece vocabulary size.")
 flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
-flags.DEFINE_string("unified_config", "configs/synthface_tiny.py", "Config of the unified model.")
+flags.DEFINE_string("unified_config", "configs/synthface_tiny.py:moe=both",
+                    "Config of the unified model (default: the paper's model, both MoE levels).")
 flags.DEFINE_multi_string("unified_override", [],
                           "Extra unified-model config overrides, e.g. total_steps=600 (repeatable).")
 flags.DEFINE_integer("eval_generate", 300, "evaluate: faces generated from captions per split.")

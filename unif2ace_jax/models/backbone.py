@@ -44,6 +44,7 @@ from unif2ace_jax.models.ffn import FFN_SLOTS
 from unif2ace_jax.models.remat import remat_policy
 from unif2ace_jax.models.rotary import rotary_dim_for
 from unif2ace_jax.models.vocab import Vocab
+from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.registry import Registry
 
 # Logical axes of [B, L, D] activations (names of unif2ace_jax/parallel/rules.py).
@@ -104,7 +105,7 @@ class Block(nn.Module):
     @nn.compact
     def __call__(self, x, cache, mask, positions, group, valid, cache_index, features,
                  deterministic: bool = True):
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = rules_lib.constrain(x, ACTIVATION_AXES)
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = Attention(num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
                          rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
@@ -145,7 +146,7 @@ class Block(nn.Module):
             else:
                 y = seq_moe(ln3(x), group=group, valid=valid, features=features)
             x = x + drop(y, deterministic=deterministic)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = rules_lib.constrain(x, ACTIVATION_AXES)
         return x, new_cache
 
 
@@ -214,7 +215,7 @@ class Backbone(nn.Module):
     def _trunk(self, tokens, cache, mask, positions, group, valid, cache_index, features,
                deterministic):
         x = self.embed_tokens(jnp.asarray(tokens, jnp.int32)).astype(self.dtype)
-        x = nn.with_logical_constraint(x, ACTIVATION_AXES)
+        x = rules_lib.constrain(x, ACTIVATION_AXES)
         args = (mask, positions, group, valid, cache_index, features, deterministic)
         if self.scan_layers:
             x, new_cache = self.layers(x, cache, *args)

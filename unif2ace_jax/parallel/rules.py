@@ -7,7 +7,9 @@ laid out on the mesh (MaxText style), so a sharding preset is a different table,
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+import contextlib
+import contextvars
+from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
@@ -36,6 +38,34 @@ DEFAULT_RULES: tuple[tuple[str, Any], ...] = (
     ("conv_in", None),
     ("conv_out", None),
 )
+
+# The mesh activation constraints resolve against while a step is traced (`activation_mesh`).
+# Flax's `with_logical_constraint` without `mesh=` needs JAX's abstract mesh (`jax.set_mesh`),
+# which flax would also apply to every parameter's logical names, with the wrong rank inside
+# the layer scan; a `with mesh:` block alone sets no abstract mesh, so the constraint would be
+# silently dropped. Passing the mesh explicitly avoids both.
+_ACTIVATION_MESH: contextvars.ContextVar[Mesh | None] = contextvars.ContextVar(
+    "unif2ace_activation_mesh", default=None)
+
+
+@contextlib.contextmanager
+def activation_mesh(mesh: Mesh) -> Iterator[None]:
+    """Within this block `constrain` lays activations out on `mesh` (use around tracing)."""
+    token = _ACTIVATION_MESH.set(mesh)
+    try:
+        yield
+    finally:
+        _ACTIVATION_MESH.reset(token)
+
+
+def constrain(x: jax.Array, names: tuple[str | None, ...]) -> jax.Array:
+    """`nn.with_logical_constraint(x, names)` on the `activation_mesh` (with the current
+    `nn.logical_axis_rules`); unchanged flax behaviour outside one."""
+    mesh = _ACTIVATION_MESH.get()
+    if mesh is None:
+        return nn.with_logical_constraint(x, names)
+    return nn.with_logical_constraint(x, names, mesh=mesh)
+
 
 def get_rules(overrides: Rules = ()) -> tuple[tuple[str, Any], ...]:
     """`DEFAULT_RULES` with `(name, axis)` overrides (e.g. from `config.sharding.rules`) winning."""

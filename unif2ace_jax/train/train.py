@@ -102,13 +102,14 @@ def sharding_context(mesh: Mesh, rules: rules_lib.Rules):
 
     Uses the `with mesh:` resource environment (deprecated in JAX 0.10 in favour of
     `jax.set_mesh`, whose abstract mesh flax 0.12 would also apply to every parameter's
-    logical names inside the layer scan, with the wrong rank).
+    logical names inside the layer scan, with the wrong rank), and hands the mesh to
+    `rules.constrain` explicitly: without an abstract mesh flax drops activation constraints.
     """
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         mesh.__enter__()
     try:
-        with nn.logical_axis_rules(rules):
+        with nn.logical_axis_rules(rules), rules_lib.activation_mesh(mesh):
             yield
     finally:
         mesh.__exit__(None, None, None)
