@@ -14,6 +14,7 @@ batches; this module does the rest:
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import time
 from typing import Any, Callable, Iterator
@@ -46,6 +47,21 @@ class Layout:
     def batch_shardings(self, ndims: dict[str, int]) -> dict[str, NamedSharding]:
         """name -> sharding of a host batch array with that many dimensions."""
         return {k: rules_lib.batch_sharding(self.mesh, self.rules, n) for k, n in ndims.items()}
+
+
+def check_same_model(saved_config_path: str, config: ml_collections.ConfigDict,
+                     what: str) -> None:
+    """A resumed run must build the same model: UserError when the JSON file at
+    `saved_config_path` (``{"config": {...}}``, written by an earlier run) holds another
+    ``config.model``. Nothing to check when the file does not exist (a new run)."""
+    if not os.path.isfile(saved_config_path):
+        return
+    with open(saved_config_path) as f:
+        saved = json.load(f)["config"].get("model", {})
+    current = json.loads(config.model.to_json_best_effort())
+    if saved != current:
+        raise UserError(f"{os.path.dirname(saved_config_path)} holds {what} with a different "
+                        f"model config; use a new --workdir (saved: {saved}, now: {current})")
 
 
 def setup_mesh(config: ml_collections.ConfigDict, global_batch: int, steps: int) -> Layout:

@@ -17,7 +17,6 @@ data-iterator position: a restarted run continues exactly), reconstruction grids
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from typing import Any, NamedTuple
@@ -41,6 +40,7 @@ from unif2ace_jax.models.tokenizer.magvit2 import ImageTokenizer, images_to_mode
 from unif2ace_jax.models.tokenizer.pretrained import CONFIG_FILE, save_tokenizer
 from unif2ace_jax.parallel import mesh as mesh_lib
 from unif2ace_jax.parallel import rules as rules_lib
+from unif2ace_jax.train import loop
 from unif2ace_jax.train.optim import make_optimizer
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
 from unif2ace_jax.utils.image_grid import save_image_grid
@@ -206,19 +206,6 @@ def _eval_data_config(config: ml_collections.ConfigDict, num: int) -> ml_collect
     return data
 
 
-def _check_workdir_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A resumed run must build the same model as the one that wrote `workdir`."""
-    path = os.path.join(workdir, CONFIG_FILE)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)["config"].get("model", {})
-    current = json.loads(config.model.to_json_best_effort())
-    if saved != current:
-        raise UserError(f"{workdir} holds a tokenizer with a different model config; use a new "
-                        f"--workdir (saved: {saved}, now: {current})")
-
-
 def _progress_line(step: int, steps: int, mean: dict, record: dict, shown) -> str:
     rate = record["steps_per_s"]
     eta = format_duration((steps - step) / rate) if rate > 0 else "?"
@@ -255,7 +242,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     local_batch = global_batch // jax.process_count()
     parts = build(config)
     os.makedirs(workdir, exist_ok=True)
-    _check_workdir_config(workdir, config)
+    loop.check_same_model(os.path.join(workdir, CONFIG_FILE), config, "a tokenizer")
 
     iterator = images_lib.image_batches(config.data, "train", local_batch, seed=config.seed,
                                         num_threads=int(config.data.get("num_threads", 2)))

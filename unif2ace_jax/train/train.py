@@ -28,7 +28,6 @@ and Orbax checkpoints (train state + data-iterator position, async, keep-N) unde
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import time
 import warnings
@@ -50,6 +49,7 @@ from unif2ace_jax.parallel import presets as presets_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import state as state_lib
 from unif2ace_jax.train.objective import model_inputs, unified_loss
+from unif2ace_jax.train import loop
 from unif2ace_jax.train.optim import make_optimizer
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
 
@@ -172,19 +172,6 @@ def _check_codes(batch: dict[str, np.ndarray], k: int, grid: int) -> None:
                         f"model's [0, {k})")
 
 
-def _check_resume_config(workdir: str, config: ml_collections.ConfigDict) -> None:
-    """A resumed run must build the same model as the one that wrote `workdir`."""
-    path = os.path.join(workdir, state_lib.RUN_FILE)
-    if not os.path.isfile(path):
-        return
-    with open(path) as f:
-        saved = json.load(f)["config"].get("model", {})
-    current = json.loads(config.model.to_json_best_effort())
-    if saved != current:
-        raise UserError(f"{workdir} holds a run with a different model config; use a new "
-                        f"--workdir")
-
-
 def _feature_shapes(features: dict[str, Any]) -> dict:
     return {k: {"shape": list(np.shape(v)), "dtype": str(np.asarray(v).dtype)}
             for k, v in features.items() if k not in ("task", "mask_ratio")}
@@ -216,7 +203,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         raise UserError(f"data.batch_size {global_batch} must be divisible by the "
                         f"{jax.process_count()} processes and the {shards} batch shards")
     os.makedirs(workdir, exist_ok=True)
-    _check_resume_config(workdir, config)
+    loop.check_same_model(os.path.join(workdir, state_lib.RUN_FILE), config, "a run")
     extra_fields = tuple(config.data.get("extra_fields", ()) or ())
 
     # ======================================================================= data
