@@ -12,6 +12,11 @@ Fields of `data` (all used by `unif2ace_jax.data.pipeline`):
   max_answer_len         answer ids per mmu example
   mixture                weights of the t2i / mmu / lm tasks (normalised)
   lm_caption_prob        an lm example's text is its caption with this probability, else a QA
+  mmu_caption_prob       an mmu example is captioning (caption_prompt -> the caption) with this
+                         probability, else a QA pair
+  caption_prompt         the captioning prompt
+  mmu_questions_per_row  a QA mmu example packs up to this many QA pairs of its image (distinct
+                         attributes, as many as fit in max_text_len); evaluation uses one
   image_field            "image" | "image_codes" | "both"
   extra_fields           embedding fields passed through as float32 (derived datasets)
   batch_size             GLOBAL batch size; each of P hosts gets batch_size // P
@@ -43,6 +48,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.max_answer_len = 8
     data.mixture = ml_collections.ConfigDict({"t2i": 1.0, "mmu": 1.0, "lm": 0.25})
     data.lm_caption_prob = 0.5
+    data.mmu_caption_prob = 0.0
+    data.caption_prompt = "describe the face."
+    data.mmu_questions_per_row = 1
     data.image_field = "image"
     data.extra_fields = ()
     data.batch_size = 8 if tiny else 64

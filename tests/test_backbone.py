@@ -335,3 +335,27 @@ def test_dropout_active_only_when_not_deterministic(inputs, policy):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(np.asarray(a) - np.asarray(base)).max() > 1e-3
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_bit_embedding_equals_a_table_with_the_bits_folded_in(inputs):
+    """``table+bits`` == ``table`` whose image-code rows gain ``W_bits @ (±1 bits of c)``."""
+    with_bits = build_backbone(_config(image_code_embedding="table+bits"), VOCAB)
+    variables = _init(with_bits, inputs)
+    params = nn.unbox(variables["params"])
+    w_bits = np.asarray(params["embed_code_bits"]["kernel"])  # [5, D]: K = 32 -> 5 bits
+    assert w_bits.shape == (5, 32)
+    codes = np.arange(VOCAB.num_image_codes)
+    bits = 2.0 * ((codes[:, None] >> np.arange(4, -1, -1)[None, :]) & 1) - 1.0  # big-endian
+    table = np.array(params["embed_tokens"]["embedding"])
+    table[VOCAB.image_offset + codes] += bits @ w_bits  # [MASK] and text rows unchanged
+    folded = {k: v for k, v in params.items() if k != "embed_code_bits"}
+    folded["embed_tokens"] = {"embedding": jnp.asarray(table)}
+    plain = build_backbone(_config(), VOCAB)
+    np.testing.assert_allclose(np.asarray(_apply(with_bits, {"params": params}, inputs)),
+                               np.asarray(_apply(plain, {"params": folded}, inputs)),
+                               rtol=1e-4, atol=1e-4)
+    with pytest.raises(UserError, match="image_code_embedding"):
+        build_backbone(_config(image_code_embedding="bits"), VOCAB)
+    with pytest.raises(UserError, match="power-of-two"):
+        build_backbone(_config(image_code_embedding="table+bits"),
+                       Vocab(text_size=60, num_image_codes=24))

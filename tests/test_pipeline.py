@@ -15,6 +15,7 @@ from unif2ace_jax.data.build import build_dataset, read_texts
 from unif2ace_jax.data.derive import derive_dataset
 from unif2ace_jax.data.text_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.vocab import TEXT_EOS_MARKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = 24
@@ -105,6 +106,84 @@ def test_raw_batch_contract(env):
                 lm_texts = [caption] + [tok.encode(f"{r['question']} {r['answer']}")[:48] for r in rows]
                 assert text in lm_texts and m == 0 and batch["qa_type"][b] == -1
     assert seen_tasks == {0, 1, 2}
+
+
+def test_captioning_mmu_rows(env):
+    _, model, src = env
+    tok = SentencePieceTokenizer(model)
+    config = _config(env, mmu_caption_prob=0.5, caption_prompt="describe the face.")
+    config.data.mixture = {"mmu": 1.0}
+    source = src.as_data_source("train")
+    prompt = tok.encode("describe the face.")
+    kinds = []
+    for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 8):
+        assert (batch["task"] == pipeline.MMU).all()
+        for b in range(4):
+            n, targets = int(batch["text_len"][b]), batch["text_targets"][b]
+            text = batch["text"][b, :n].tolist()
+            if targets.any():  # captioning: prompt, then the caption (the targets); no answer
+                rec = source[int(batch["index"][b])]
+                caption = tok.encode(records.as_str(rec["caption"]))
+                assert text == (prompt + caption)[:48]
+                np.testing.assert_array_equal(targets, np.arange(48) >= len(prompt))
+                assert batch["answer_len"][b] == 0 and batch["qa_type"][b] == -1
+                kinds.append("caption")
+            else:
+                assert batch["answer_len"][b] > 0
+                kinds.append("qa")
+    assert 8 <= kinds.count("caption") <= 24, kinds  # 32 draws at p = 0.5
+    with pytest.raises(UserError, match="mmu_caption_prob"):
+        pipeline.element_spec(_config(env, mmu_caption_prob=1.5).data)
+
+
+def test_packed_qa_rows(env):
+    _, model, src = env
+    tok = SentencePieceTokenizer(model)
+    config = _config(env, mmu_questions_per_row=3, max_text_len=40)
+    config.data.mixture = {"mmu": 1.0}
+    source = src.as_data_source("train")
+    counts = []
+    for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 6):
+        for b in range(4):
+            rows = records.qa_rows(source[int(batch["index"][b])]["qa"])
+            n = int(batch["text_len"][b])
+            text, targets = batch["text"][b, :n].tolist(), batch["text_targets"][b]
+            assert not targets[n:].any()
+            # Split "q1 a1 E q2 a2 E ... qn" at the markers; each piece is a QA pair's
+            # question (not a target) then its answer and marker (targets).
+            pieces, cur = [], []
+            for i, t in enumerate(text):
+                cur.append((t, bool(targets[i])))
+                if t == TEXT_EOS_MARKER:
+                    pieces.append(cur)
+                    cur = []
+            pairs = []
+            for piece in pieces:
+                k = next(i for i, (_, is_target) in enumerate(piece) if is_target)
+                assert all(is_target for _, is_target in piece[k:])
+                pairs.append(([t for t, _ in piece[:k]], [t for t, _ in piece[k:-1]]))
+            assert not any(is_target for _, is_target in cur)  # the last question
+            answer = batch["answer"][b, :int(batch["answer_len"][b])].tolist()
+            pairs.append(([t for t, _ in cur], answer))
+            matched = []
+            for i, (q, a) in enumerate(pairs):
+                cands = [r for r in rows if tok.encode(r["question"]) == q and
+                         (tok.encode(r["answer"])[:3] if i == len(pairs) - 1
+                          else tok.encode(r["answer"])) == a]
+                assert cands, "a packed pair is not a QA pair of the record"
+                matched.append(cands[0])
+            attributes = [r.get("attribute", "") for r in matched]
+            assert len([a for a in attributes if a]) == len({a for a in attributes if a})
+            assert 1 <= len(pairs) <= 3
+            counts.append(len(pairs))
+    assert max(counts) >= 2, counts
+    # Evaluation rows keep one QA pair each.
+    ev = pipeline.make_eval_iterator(_config(env, mmu_questions_per_row=3), "test", "mmu",
+                                     process_index=0, process_count=1)
+    batch = next(iter(ev))
+    assert not (batch["text"] == TEXT_EOS_MARKER).any() and not batch["text_targets"].any()
+    with pytest.raises(UserError, match="mmu_questions_per_row"):
+        pipeline.element_spec(_config(env, mmu_questions_per_row=0).data)
 
 
 def test_task_mixture_frequencies():

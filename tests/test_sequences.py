@@ -9,7 +9,7 @@ import pytest
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.sequences import (build_mmu_prefix, build_sequences, build_t2i_prompt,
                                            sequence_length)
-from unif2ace_jax.models.vocab import Vocab
+from unif2ace_jax.models.vocab import TEXT_EOS_MARKER, Vocab
 
 V = Vocab(text_size=10, num_image_codes=4)
 T2I, MMU, SOI, EOI, BOS, EOS, PAD = 10, 11, 12, 13, 14, 15, 16
@@ -78,6 +78,35 @@ def test_targets_and_weights():
         [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],       # LM: predict 3, 4, <eos>
     ])
     assert out["target_weights"].dtype == np.float32
+
+
+def test_text_targets_captioning_and_packed_qa_rows():
+    # Row 1 captioning: prompt [5], caption [6, 7], no answer -> targets 6, 7, <eos>.
+    batch = dict(_batch(), answer=np.array([[0, 0], [0, 0], [0, 0]]),
+                 answer_len=np.array([0, 0, 0]),
+                 text_targets=np.array([[1, 1, 0], [0, 1, 1], [1, 1, 1]], bool))
+    out = {k: np.asarray(x) for k, x in build_sequences(batch, V).items()}
+    np.testing.assert_array_equal(
+        out["tokens"][1], [MMU, SOI, img(1), img(2), EOI, BOS, 5, 6, 7, EOS, PAD, PAD])
+    np.testing.assert_array_equal(out["target_weights"], [
+        [0] * 12,                                   # T2I ignores text_targets
+        [0, 0, 0, 0, 0, 0, 1, 1, 1, 0, 0, 0],       # predict 6, 7, <eos>
+        [1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0],       # LM unchanged
+    ])
+    # Row 1 packs two QA pairs: "5 6 E" (question 5, answer 6, E -> <eos>) then question 7,
+    # answer 8 -> targets 6, <eos>, 8, <eos>.
+    packed = dict(_batch(), text=np.array([[1, 2, 0, 0], [5, 6, TEXT_EOS_MARKER, 7], [3, 4, 0, 0]]),
+                  text_len=np.array([2, 4, 2]),
+                  text_targets=np.array([[0, 0, 0, 0], [0, 1, 1, 0], [0, 0, 0, 0]], bool))
+    out = {k: np.asarray(x) for k, x in build_sequences(packed, V).items()}  # L = 13
+    np.testing.assert_array_equal(
+        out["tokens"][1], [MMU, SOI, img(1), img(2), EOI, BOS, 5, 6, EOS, 7, 8, EOS, PAD])
+    np.testing.assert_array_equal(out["target_weights"][1],
+                                  [0, 0, 0, 0, 0, 0, 1, 1, 0, 1, 1, 0, 0])
+    # All-False targets are a plain VQA row: the same weights as without the field.
+    vqa = dict(_batch(), text_targets=np.zeros((3, 3), bool))
+    np.testing.assert_array_equal(np.asarray(build_sequences(vqa, V)["target_weights"]),
+                                  np.asarray(build_sequences(_batch(), V)["target_weights"]))
 
 
 def test_modality_groups_and_absolute_positions():

@@ -255,7 +255,7 @@ def _batch_shapes(model, config, batch: int, lt: int, la: int,
 
     shapes = {"task": ((batch,), np.int32), "text": ((batch, lt), np.int32),
               "text_len": ((batch,), np.int32), "answer": ((batch, la), np.int32),
-              "answer_len": ((batch,), np.int32),
+              "answer_len": ((batch,), np.int32), "text_targets": ((batch, lt), np.bool_),
               "image_codes": ((batch, model.num_image_tokens), np.int32),
               "valid": ((batch,), np.bool_)}
     dims = _feature_dims(config.model)
@@ -283,7 +283,9 @@ def _init_features(batch_shapes: dict) -> dict:
 
     from unif2ace_jax.models.unified import default_features
 
-    skip = ("task", "text", "text_len", "answer", "answer_len", "image_codes", "valid")
+    from unif2ace_jax.train.objective import MODEL_KEYS
+
+    skip = MODEL_KEYS
     extra = {n: np.zeros((1,) + tuple(shape[1:]), dtype)
              for n, (shape, dtype) in batch_shapes.items() if n not in skip}
     return default_features(np.zeros((1,), np.int32), np.zeros((1,), np.float32), extra)

@@ -16,6 +16,7 @@ import os
 
 from absl import flags
 
+from unif2ace_jax.cli import begin
 from unif2ace_jax.errors import UserError, run_cli
 
 flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
@@ -43,13 +44,7 @@ def read_image(path: str, size: int | None = None):
 
 
 def main(argv: list[str]) -> None:
-    _quiet_logs()
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.workdir:
-        raise UserError("--workdir is required")
-    if not FLAGS.image:
-        raise UserError("--image is required")
+    begin(argv, "workdir", "image")
     questions = [q for q in (FLAGS.question or []) if q.strip()]
     if not questions:
         raise UserError("--question is required (non-empty)")
@@ -100,14 +95,6 @@ def ask(trained, image_path: str, questions: list[str], *,
     return answer_questions(trained, np.repeat(codes, n, axis=0), questions,
                             max_new_tokens=max_new_tokens,
                             features={k: np.repeat(v, n, axis=0) for k, v in features.items()})
-
-
-def _quiet_logs() -> None:
-    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable."""
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
 
 
 if __name__ == "__main__":

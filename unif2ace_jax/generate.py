@@ -16,6 +16,7 @@ import os
 
 from absl import flags
 
+from unif2ace_jax.cli import begin
 from unif2ace_jax.errors import UserError, run_cli
 
 flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
@@ -33,11 +34,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    _quiet_logs()
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.workdir:
-        raise UserError("--workdir is required")
+    begin(argv, "workdir")
     prompts = [p for p in (FLAGS.prompt or []) if p.strip()]
     if not prompts:
         raise UserError("--prompt is required (a non-empty caption)")
@@ -65,14 +62,6 @@ def main(argv: list[str]) -> None:
     save_image_grid(images, FLAGS.out, ncols=FLAGS.num, upscale=upscale)
     print(f"wrote {len(images)} faces ({len(prompts)} prompt(s) x {FLAGS.num}) from step "
           f"{trained.step} to {FLAGS.out}")
-
-
-def _quiet_logs() -> None:
-    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable."""
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
 
 
 if __name__ == "__main__":

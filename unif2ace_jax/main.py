@@ -163,7 +163,8 @@ STAGES: list[Stage] = [
         "data",
         outputs=lambda w: [os.path.join(_data_dir(w), "synthface", FLAGS.data_config)],
         commands=lambda w: [_py("unif2ace_jax.data", "build", "--dataset=synthface",
-                                f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}")],
+                                f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}",
+                                f"--num_workers={min(os.cpu_count() or 1, 8)}")],
     ),
     Stage(
         "text_tokenizer",

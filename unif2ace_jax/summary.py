@@ -236,13 +236,10 @@ def summarize(config: ml_collections.ConfigDict, *,
 def main(argv: list[str]) -> None:
     from absl import flags
 
-    from unif2ace_jax.errors import config_value
+    from unif2ace_jax import cli
 
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_value(_CONFIG)
-    if config is None:
-        raise UserError("--config is required (e.g. --config=configs/unif2ace_1p8b.py)")
+    cli.no_positional(argv)
+    config = cli.require_config(_CONFIG, "configs/unif2ace_1p8b.py")
     summary = summarize(config, text_vocab_size=flags.FLAGS.text_vocab_size)
     print(summary.table())
 

@@ -105,14 +105,6 @@ def _digest(encoders: Mapping[str, object]) -> str:
     return h.hexdigest()[:16]
 
 
-def _recorded(path: str) -> dict | None:
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isfile(os.path.join(path, "dataset_info.json")) or not os.path.isfile(meta_path):
-        return None
-    with open(meta_path) as f:
-        return json.load(f).get("embeddings")
-
-
 def prepare_embeddings(data_dir: str, dataset: str, encoders: Sequence[str],
                        encoder_workdirs: Sequence[str], *, out_data_dir: str | None = None,
                        name: str | None = None, output: str = "pooled", batch_size: int = 64,
@@ -128,7 +120,7 @@ def prepare_embeddings(data_dir: str, dataset: str, encoders: Sequence[str],
     import tensorflow_datasets as tfds
 
     from unif2ace_jax.data import records
-    from unif2ace_jax.data.derive import derive_dataset
+    from unif2ace_jax.data.derive_run import derive_recorded, open_source
 
     if batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {batch_size}")
@@ -137,11 +129,7 @@ def prepare_embeddings(data_dir: str, dataset: str, encoders: Sequence[str],
     for encoder in encoders:
         ENCODERS.get(encoder.strip())  # unknown names fail before any work
     out_data_dir = out_data_dir or data_dir
-    src_name, _, config = dataset.partition("/")
-    source = records.load_builder(data_dir, src_name, config or None)
-    out_name = name or f"{src_name}_emb"
-    if os.path.abspath(out_data_dir) == os.path.abspath(data_dir) and out_name == src_name:
-        raise UserError("the output dataset would replace the source; choose another --name")
+    source, out_name = open_source(data_dir, dataset, out_data_dir, name, "_emb")
     loaded = load_encoders(encoders, encoder_workdirs, output=output)
     shape = tuple(source.info.features[records.IMAGE].shape)
     dummy = jax.ShapeDtypeStruct((1,) + shape, np.uint8)
@@ -154,43 +142,23 @@ def prepare_embeddings(data_dir: str, dataset: str, encoders: Sequence[str],
     def compute(batch: dict) -> dict:
         return compute_features(loaded, batch[records.IMAGE])
 
-    sub = [source.info.config_name] if source.info.config_name else []
     digest = _digest(loaded)
-    final_dir = os.path.join(out_data_dir, out_name, *sub, str(source.info.version))
-    made_by = _recorded(final_dir)
-    if made_by is not None and made_by.get("digest") != digest:
-        raise UserError(f"{final_dir} already holds embeddings from other encoders; choose "
-                        f"another --name or --out_data_dir")
-    work_dir = os.path.join(out_data_dir, ".derive_work", out_name, *sub, f"encoders-{digest}")
-    path = derive_dataset(source, out_data_dir, out_name, extra, compute, batch_size,
-                          work_dir=work_dir, splits=splits, input_fields=(records.IMAGE,),
-                          chunk_batches=chunk_batches, progress=progress)
-    meta_path = os.path.join(path, "metadata.json")
-    meta = {}
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    meta["embeddings"] = {
+    entry = {
         "digest": digest, "output": output,
         "fields": {field: {"encoder": enc.name, "workdir": os.path.abspath(enc.cfg["workdir"]),
                            "shape": list(extra[field].shape)}
                    for field, enc in loaded.items()}}
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
-    return path
+    return derive_recorded(
+        source, out_data_dir, out_name, extra, compute, batch_size, key="embeddings",
+        entry=entry, digest=digest, digest_field="digest", cache_tag="encoders",
+        other_maker=lambda m: "embeddings from other encoders", input_field=records.IMAGE,
+        splits=splits, chunk_batches=chunk_batches, progress=progress)
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from unif2ace_jax.data.derive_run import cli_splits
 
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    for flag in ("data_dir", "dataset", "encoders", "encoder_workdirs"):
-        if not getattr(f, flag):
-            raise UserError(f"--{flag} is required")
-    splits = [s for s in f.splits.split(",") if s] if f.splits else None
+    f, splits = cli_splits(argv, ("data_dir", "dataset", "encoders", "encoder_workdirs"))
     path = prepare_embeddings(f.data_dir, f.dataset, f.encoders.split(","),
                               f.encoder_workdirs.split(","), out_data_dir=f.out_data_dir,
                               name=f.name, output=f.output, batch_size=f.batch_size,

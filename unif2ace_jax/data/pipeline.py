@@ -14,6 +14,9 @@ Raw batch (the contract with the model's sequence builder). B = per-host batch s
 `answer`              int32 [B, La]       answer ids for mmu (right-padded with 0, truncated
                                           to La = `data.max_answer_len`); all 0 otherwise
 `answer_len`          int32 [B]           real ids in `answer`; 0 unless mmu
+`text_targets`        bool [B, Lt]        mmu rows: text positions that are targets too (the
+                                          caption of a captioning row; the answers and their
+                                          `TEXT_EOS_MARKER`s of a packed row); False elsewhere
 `image`               uint8 [B, S, S, 3]  decoded RGB, S = `data.image_size` (records of
                                           another size are center-cropped and resized);
                                           emitted when `data.image_field` is "image"/"both"
@@ -34,8 +37,15 @@ Task mixture: the task of stream position j on host p is drawn from `data.mixtur
 for "t2i", "mmu", "lm"; normalised) with `ordering.CounterRng(seed, p, j)` (a pure function of
 (seed, p, j), so the task never depends on which record lands at j or on thread timing);
 the same generator picks the QA pair for mmu and the LM text (the caption with probability
-`data.lm_caption_prob`, else "question answer" of a random QA pair). An example without QA
-drawn as mmu becomes t2i; one without a caption drawn as t2i becomes mmu.
+`data.lm_caption_prob`, else "question answer" of a random QA pair). An mmu example is a
+captioning example with probability `data.mmu_caption_prob` (text = `data.caption_prompt` then
+the caption, truncated to Lt; the caption and `<eos>` are the targets), else QA: with
+`data.mmu_questions_per_row = q > 1` a row packs up to q QA pairs of the image about distinct
+attributes (as many as fit in Lt): ``q1 a1 E q2 a2 E … qn`` in `text` (E = `TEXT_EOS_MARKER`,
+`<eos>` once built; every ``ai E`` a target) and ``an`` in `answer`, which is how one image
+teaches several answers for the cost of one row. An example without QA drawn as mmu becomes
+captioning when `data.mmu_caption_prob > 0`, else t2i; one without a caption drawn as t2i
+becomes mmu. Evaluation rows (`qa_index` given) always hold one QA pair.
 
 Training order: host p reads records `p::process_count`; epoch e visits them in the order of
 `np.random.default_rng([seed, e]).permutation(n)` (`ordering.EpochShuffle`; every epoch differs),
@@ -59,6 +69,7 @@ import numpy as np
 from unif2ace_jax.data import records
 from unif2ace_jax.data.ordering import CounterRng, shuffled_forever
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.vocab import TEXT_EOS_MARKER
 
 TASKS = ("t2i", "mmu", "lm")
 T2I, MMU, LM = 0, 1, 2
@@ -77,6 +88,9 @@ class ElementSpec:
     mixture: tuple[float, float, float]  # probabilities of TASKS
     seed: int
     lm_caption_prob: float = 0.5
+    mmu_caption_prob: float = 0.0
+    caption_prompt: str = "describe the face."
+    mmu_questions_per_row: int = 1
 
     @property
     def wants_image(self) -> bool:
@@ -118,7 +132,24 @@ def element_spec(data: Any) -> ElementSpec:
         mixture=mixture_probabilities(mixture),
         seed=int(data.seed),
         lm_caption_prob=float(data.get("lm_caption_prob", 0.5)),
+        mmu_caption_prob=_probability(data, "mmu_caption_prob", 0.0),
+        caption_prompt=str(data.get("caption_prompt", "describe the face.")),
+        mmu_questions_per_row=_positive(data, "mmu_questions_per_row", 1),
     )
+
+
+def _positive(data: Any, name: str, default: int) -> int:
+    value = int(data.get(name, default))
+    if value < 1:
+        raise UserError(f"data.{name} must be >= 1, got {value}")
+    return value
+
+
+def _probability(data: Any, name: str, default: float) -> float:
+    value = float(data.get(name, default))
+    if not 0.0 <= value <= 1.0:
+        raise UserError(f"data.{name} must be in [0, 1], got {value}")
+    return value
 
 
 def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -165,21 +196,65 @@ class ElementBuilder:
         rng = self.rng(position)
         return self.build(index, record, self.draw_task(rng), rng)
 
+    def _packed_qa(self, qa: list[dict], rng: CounterRng
+                   ) -> tuple[dict, list[int], list[bool]]:
+        """Up to `mmu_questions_per_row` QA pairs about distinct attributes, in random order:
+        ``(last row, text ids "q1 a1 E … qn", text targets)``; the last answer goes to `answer`."""
+        spec = self.spec
+        order = list(range(len(qa)))
+        for i in range(len(order) - 1, 0, -1):  # Fisher-Yates with the element's counter rng
+            j = rng.integers(i + 1)
+            order[i], order[j] = order[j], order[i]
+        rows, seen = [], set()
+        for i in order:
+            attribute = qa[i].get("attribute", "")
+            if attribute and attribute in seen:
+                continue
+            seen.add(attribute)
+            rows.append(qa[i])
+            if len(rows) == spec.mmu_questions_per_row:
+                break
+        last = rows[0]
+        room = spec.max_text_len - len(self.tokenizer.encode(last["question"]))
+        text_ids: list[int] = []
+        text_targets: list[bool] = []
+        for row in rows[1:]:
+            q = self.tokenizer.encode(row["question"])
+            a = self.tokenizer.encode(row["answer"]) + [TEXT_EOS_MARKER]
+            if len(text_ids) + len(q) + len(a) > room:
+                break
+            text_ids += q + a
+            text_targets += [False] * len(q) + [True] * len(a)
+        last_q = self.tokenizer.encode(last["question"])
+        return last, text_ids + last_q, text_targets + [False] * len(last_q)
+
     def build(
         self, index: int, record: dict, task: int, rng: CounterRng, qa_index: int | None = None
     ) -> dict[str, np.ndarray]:
         spec = self.spec
         caption = records.as_str(record[records.CAPTION])
         qa = records.qa_rows(record[records.QA]) if records.QA in record else []
-        if task == MMU and not qa:
+        captioning = False
+        if task == MMU and qa_index is None and caption and spec.mmu_caption_prob > 0:
+            captioning = not qa or rng.random() < spec.mmu_caption_prob
+        if task == MMU and not qa and not captioning:
             task = T2I
         elif task == T2I and not caption and qa:
             task = MMU
         answer_ids: list[int] = []
         qa_type = -1
-        if task == MMU:
-            row = qa[qa_index if qa_index is not None else rng.integers(len(qa))]
-            text = row["question"]
+        text_targets: list[bool] = []
+        if captioning:
+            prompt_ids = self.tokenizer.encode(spec.caption_prompt)
+            caption_ids = self.tokenizer.encode(caption)
+            text_ids = prompt_ids + caption_ids
+            text_targets = [False] * len(prompt_ids) + [True] * len(caption_ids)
+        elif task == MMU:
+            if qa_index is not None or spec.mmu_questions_per_row == 1:
+                row = qa[qa_index if qa_index is not None else rng.integers(len(qa))]
+                text_ids = self.tokenizer.encode(row["question"])
+            else:
+                row, text_ids, text_targets = self._packed_qa(qa, rng)
             answer_ids = self.tokenizer.encode(row["answer"])
             qa_type = records.qa_type_index(row.get("type", "other"))
         elif task == LM:
@@ -190,14 +265,19 @@ class ElementBuilder:
                 text = f"{row['question']} {row['answer']}"
         else:
             text = caption
-        text_arr, text_len = _pad(self.tokenizer.encode(text), spec.max_text_len)
+        if task != MMU:
+            text_ids = self.tokenizer.encode(text)
+        text_arr, text_len = _pad(text_ids, spec.max_text_len)
         ans_arr, ans_len = _pad(answer_ids, spec.max_answer_len)
+        targets_arr = np.zeros(spec.max_text_len, bool)
+        targets_arr[: min(len(text_targets), spec.max_text_len)] = text_targets[: spec.max_text_len]
         out = {
             "task": np.int32(task),
             "text": text_arr,
             "text_len": np.int32(text_len),
             "answer": ans_arr,
             "answer_len": np.int32(ans_len),
+            "text_targets": targets_arr,
             "qa_type": np.int32(qa_type),
             "index": np.int32(index),
             "valid": np.bool_(True),

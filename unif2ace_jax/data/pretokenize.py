@@ -48,8 +48,7 @@ def pretokenize(tokenizer_workdir: str, data_dir: str, dataset: str, out_data_di
     """
     import tensorflow_datasets as tfds
 
-    from unif2ace_jax.data import records
-    from unif2ace_jax.data.derive import derive_dataset
+    from unif2ace_jax.data.derive_run import derive_recorded, open_source
     from unif2ace_jax.data.images import resize_image
     from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
 
@@ -57,11 +56,7 @@ def pretokenize(tokenizer_workdir: str, data_dir: str, dataset: str, out_data_di
         raise UserError(f"--batch_size must be positive, got {batch_size}")
     if not out_data_dir:
         raise UserError("--out_data_dir is required")
-    src_name, _, config = dataset.partition("/")
-    source = records.load_builder(data_dir, src_name, config or None)
-    out_name = name or f"{src_name}_codes"
-    if os.path.abspath(out_data_dir) == os.path.abspath(data_dir) and out_name == src_name:
-        raise UserError("the output dataset would replace the source; choose another --name")
+    source, out_name = open_source(data_dir, dataset, out_data_dir, name, "_codes")
     tok = load_tokenizer(tokenizer_workdir)
     size = tok.image_size
     grid = tok.grid_size
@@ -74,63 +69,24 @@ def pretokenize(tokenizer_workdir: str, data_dir: str, dataset: str, out_data_di
         return {CODES_FIELD: codes.reshape(codes.shape[0], -1).astype(np.int32)}
 
     extra = {CODES_FIELD: tfds.features.Tensor(shape=(grid * grid,), dtype=np.int32)}
-    sub = [source.info.config_name] if source.info.config_name else []
     digest = _params_digest(tokenizer_workdir)
-    final_dir = os.path.join(out_data_dir, out_name, *sub, str(source.info.version))
-    made_by = _recorded_tokenizer(final_dir)
-    if made_by is not None and made_by.get("params_sha256") != digest:
-        raise UserError(f"{final_dir} already holds codes from another tokenizer "
-                        f"({made_by.get('workdir')}); choose another --name or --out_data_dir")
-    work_dir = os.path.join(out_data_dir, ".derive_work", out_name, *sub, f"tokenizer-{digest}")
-    path = derive_dataset(source, out_data_dir, out_name, extra, compute, batch_size,
-                          work_dir=work_dir, splits=splits, input_fields=("image",),
-                          chunk_batches=chunk_batches, progress=progress)
-    _record_tokenizer(path, tokenizer_workdir, tok, source, digest)
-    return path
-
-
-def _recorded_tokenizer(path: str) -> dict | None:
-    """The `image_tokenizer` entry of a finished derived dataset's metadata (None if absent)."""
-    import json
-
-    meta_path = os.path.join(path, "metadata.json")
-    if not os.path.isfile(os.path.join(path, "dataset_info.json")) or not os.path.isfile(meta_path):
-        return None
-    with open(meta_path) as f:
-        return json.load(f).get("image_tokenizer")
-
-
-def _record_tokenizer(path: str, workdir: str, tok, source, digest: str) -> None:
-    """Adds the tokenizer's identity to the new dataset's metadata.json (where TFDS keeps
-    `DatasetInfo.metadata`)."""
-    import json
-
-    meta_path = os.path.join(path, "metadata.json")
-    meta = {}
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            meta = json.load(f)
-    meta["image_tokenizer"] = {
-        "workdir": os.path.abspath(workdir), "step": tok.step, "params_sha256": digest,
+    entry = {
+        "workdir": os.path.abspath(tokenizer_workdir), "step": tok.step, "params_sha256": digest,
         "bits": int(tok.model.bits), "grid": [tok.grid_size, tok.grid_size],
         "image_size": tok.image_size,
         "source_image_shape": list(source.info.features["image"].shape),
     }
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
+    return derive_recorded(
+        source, out_data_dir, out_name, extra, compute, batch_size, key="image_tokenizer",
+        entry=entry, digest=digest, digest_field="params_sha256", cache_tag="tokenizer",
+        other_maker=lambda m: f"codes from another tokenizer ({m.get('workdir')})",
+        input_field="image", splits=splits, chunk_batches=chunk_batches, progress=progress)
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from unif2ace_jax.data.derive_run import cli_splits
 
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    f = flags.FLAGS
-    for flag in ("tokenizer_workdir", "data_dir", "dataset", "out_data_dir"):
-        if not getattr(f, flag):
-            raise UserError(f"--{flag} is required")
-    splits = [s for s in f.splits.split(",") if s] if f.splits else None
+    f, splits = cli_splits(argv, ("tokenizer_workdir", "data_dir", "dataset", "out_data_dir"))
     path = pretokenize(f.tokenizer_workdir, f.data_dir, f.dataset, f.out_data_dir, name=f.name,
                        batch_size=f.batch_size, splits=splits)
     print(f"wrote {path}")

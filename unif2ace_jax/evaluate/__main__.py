@@ -10,6 +10,7 @@ import json
 
 from absl import flags
 
+from unif2ace_jax.cli import begin
 from unif2ace_jax.errors import UserError, run_cli
 
 flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
@@ -30,11 +31,7 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    _quiet_logs()
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if not FLAGS.workdir:
-        raise UserError("--workdir is required")
+    begin(argv, "workdir")
     for name in ("max_questions", "max_nelbo_images"):
         value = getattr(FLAGS, name)
         if value is not None and value < 1:
@@ -49,14 +46,6 @@ def main(argv: list[str]) -> None:
                       batch_size=FLAGS.batch_size, seed=FLAGS.seed, sampler=FLAGS.sampler,
                       steps=FLAGS.steps, guidance=FLAGS.guidance)
     print(json.dumps(result))
-
-
-def _quiet_logs() -> None:
-    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable."""
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ Layers run under ``nn.scan`` (params stacked on a leading ``layers`` axis) or un
 two. Remat policy by name (`unif2ace_jax.models.remat`). Activations are constrained to
 ``ACTIVATION_AXES`` at block boundaries.
 
+Image-code input embedding (``config.model.image_code_embedding``, [ours]): ``table`` (one row
+per code, as in Show-o) or ``table+bits``: the row plus ``W_bits · bits(c)``, where ``bits(c)`` is
+code c's ±1 LFQ bit vector (`models.tokenizer.lfq.indices_to_codes`, log2 K bits). Codes that
+share bits share part of their embedding from the first step, which a small model trained from
+scratch on few images learns from much faster; ``table`` keeps the layout of converted weights.
+
 KV cache for decoding: ``{"k", "v"}: [num_layers, B, S, H, Dh]`` (see `Backbone.init_cache`,
 `Backbone.decode`).
 """
@@ -43,6 +49,7 @@ from unif2ace_jax.models.attention import Attention
 from unif2ace_jax.models.ffn import FFN_SLOTS
 from unif2ace_jax.models.remat import remat_policy
 from unif2ace_jax.models.rotary import rotary_dim_for
+from unif2ace_jax.models.tokenizer.lfq import indices_to_codes
 from unif2ace_jax.models.vocab import Vocab
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.registry import Registry
@@ -50,6 +57,7 @@ from unif2ace_jax.registry import Registry
 # Logical axes of [B, L, D] activations (names of unif2ace_jax/parallel/rules.py).
 ACTIVATION_AXES = ("batch", "length", "act_embed")
 BLOCK_STYLES = ("parallel", "sequential")
+IMAGE_CODE_EMBEDDINGS = ("table", "table+bits")
 
 SEQ_MOE_SLOTS: Registry = Registry("seq_moe")
 # Cache entries of the seq-MoE router's pooled input (see `Backbone.init_cache`).
@@ -169,6 +177,9 @@ class Backbone(nn.Module):
     param_dtype: jnp.dtype = jnp.float32
     remat_policy: str = "none"
     scan_layers: bool = True
+    image_code_embedding: str = "table"  # table | table+bits
+    image_offset: int = 0  # id of image code 0 (read with "table+bits")
+    num_image_codes: int = 0  # K, a power of two (read with "table+bits")
 
     @property
     def head_dim(self) -> int:
@@ -183,6 +194,10 @@ class Backbone(nn.Module):
             self.vocab_size, self.d_model,
             embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(self.init_std), ("vocab", "embed")), **kw)
+        if self.image_code_embedding == "table+bits":
+            self.embed_code_bits = nn.Dense(
+                self.d_model, use_bias=False, kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(self.init_std), (None, "embed")), **kw)
         block_kwargs = dict(
             d_model=self.d_model, num_heads=self.num_heads,
             rotary_dim=rotary_dim_for(self.head_dim, self.rotary_fraction), ffn=self.ffn,
@@ -214,7 +229,14 @@ class Backbone(nn.Module):
 
     def _trunk(self, tokens, cache, mask, positions, group, valid, cache_index, features,
                deterministic):
-        x = self.embed_tokens(jnp.asarray(tokens, jnp.int32)).astype(self.dtype)
+        tokens = jnp.asarray(tokens, jnp.int32)
+        x = self.embed_tokens(tokens).astype(self.dtype)
+        if self.image_code_embedding == "table+bits":
+            codes = tokens - self.image_offset
+            is_code = (codes >= 0) & (codes < self.num_image_codes)
+            bits = indices_to_codes(jnp.where(is_code, codes, 0),
+                                    self.num_image_codes.bit_length() - 1, self.dtype)
+            x = x + jnp.where(is_code[..., None], self.embed_code_bits(bits), 0).astype(self.dtype)
         x = rules_lib.constrain(x, ACTIVATION_AXES)
         args = (mask, positions, group, valid, cache_index, features, deterministic)
         if self.scan_layers:
@@ -322,7 +344,7 @@ def default_model_config() -> ml_collections.ConfigDict:
         block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
         dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True, group_assignment="task",
-        position_mode="valid", seq_moe=dict(name="none")))
+        position_mode="valid", seq_moe=dict(name="none"), image_code_embedding="table"))
 
 
 def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab) -> Backbone:
@@ -338,6 +360,14 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab) -> Bac
     if style not in BLOCK_STYLES:
         raise UserError(f"unknown block_style {style!r}; known: {', '.join(BLOCK_STYLES)}")
     remat_policy(c.get("remat_policy", "none"))  # validates the name early
+    code_embedding = c.get("image_code_embedding", "table")
+    if code_embedding not in IMAGE_CODE_EMBEDDINGS:
+        raise UserError(f"unknown model.image_code_embedding {code_embedding!r}; known: "
+                        f"{', '.join(IMAGE_CODE_EMBEDDINGS)}")
+    k = vocab.num_image_codes
+    if code_embedding == "table+bits" and (k < 2 or k & (k - 1)):
+        raise UserError(f"model.image_code_embedding='table+bits' needs a power-of-two number "
+                        f"of image codes (an LFQ codebook), got {k}")
     seq_moe = c.get("seq_moe", None) or ml_collections.ConfigDict({"name": "none"})
     FFN_SLOTS.get(c.ffn.name)
     SEQ_MOE_SLOTS.get(seq_moe.name)
@@ -348,4 +378,6 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab) -> Bac
         layer_norm_eps=c.get("layer_norm_eps", 1e-5), dropout_rate=c.get("dropout_rate", 0.0),
         init_std=c.get("init_std", 0.02), dtype=_dtype(c.get("dtype", "float32")),
         param_dtype=_dtype(c.get("param_dtype", "float32")),
-        remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True))
+        remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True),
+        image_code_embedding=code_embedding, image_offset=vocab.image_offset,
+        num_image_codes=k)

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.vocab import Vocab
+from unif2ace_jax.models.vocab import TEXT_EOS_MARKER, Vocab
 
 TASK_T2I = 0
 TASK_MMU = 1
@@ -160,7 +160,8 @@ def _check_batch(name: str, arr: jax.Array, ndim: int, batch: int | None) -> Non
 # ---------------------------------------------------------------------------------------------
 # Training batches.
 
-_BATCH_KEYS = ("task", "text", "text_len", "answer", "answer_len", "image_codes")
+_BATCH_KEYS = ("task", "text", "text_len", "answer", "answer_len", "image_codes",
+               "text_targets")
 
 
 def build_sequences(batch: Mapping[str, Any], vocab: Vocab, *, rng: jax.Array | None = None,
@@ -172,6 +173,9 @@ def build_sequences(batch: Mapping[str, Any], vocab: Vocab, *, rng: jax.Array | 
       batch: ``task [B]`` int (0 t2i, 1 mmu, 2 lm; any other value is treated as lm),
         ``text [B, Lt]`` right-padded ids + ``text_len [B]`` (caption / question / text),
         ``answer [B, La]`` + ``answer_len [B]`` (MMU only; may be absent -> La = 0),
+        optional ``text_targets [B, Lt]`` bool (MMU rows: text positions that are targets too,
+        e.g. a caption after its prompt, or the answers of a row packing several QA pairs;
+        absent -> no MMU text is a target); ``TEXT_EOS_MARKER`` in ``text`` becomes ``<eos>``,
         ``image_codes [B, N]`` in ``[0, K]`` where ``K = vocab.num_image_codes`` means masked.
       vocab: the id layout.
       rng: key for caption dropout (needed when ``cond_dropout > 0``).
@@ -186,8 +190,9 @@ def build_sequences(batch: Mapping[str, Any], vocab: Vocab, *, rng: jax.Array | 
       input of `omni_attention_mask`); ``image_positions [B, N]`` int32 (index of each image
       token; meaningless for LM rows); ``positions [B, L]`` int32; ``group [B, L]`` int32
       (0 und, 1 gen); ``targets [B, L]`` int32 (the next token) and ``target_weights [B, L]``
-      float32 (1 where the next token is an MMU answer token / MMU ``<eos>`` / LM text token /
-      LM ``<eos>``, else 0); ``task [B]``; ``caption_dropped [B]`` bool.
+      float32 (1 where the next token is an MMU answer token / MMU text token marked in
+      ``text_targets`` / MMU ``<eos>`` / LM text token / LM ``<eos>``, else 0);
+      ``task [B]``; ``caption_dropped [B]`` bool.
     """
     missing = [k for k in ("task", "text", "text_len", "image_codes") if k not in batch]
     if "answer" in batch and "answer_len" not in batch:
@@ -207,6 +212,7 @@ def _build_sequences(batch, rng, *, vocab, cond_dropout, group_assignment, posit
     b = task.shape[0]
     text = jnp.asarray(batch["text"], jnp.int32)
     _check_batch("text", text, 2, b)
+    text = jnp.where(text == TEXT_EOS_MARKER, vocab.eos_id, text)
     codes = jnp.asarray(batch["image_codes"], jnp.int32)
     _check_batch("image_codes", codes, 2, b)
     if "answer" in batch:
@@ -251,7 +257,14 @@ def _build_sequences(batch, rng, *, vocab, cond_dropout, group_assignment, posit
     out = _finish(tokens, where, task, image_positions, group_assignment=group_assignment,
                   position_mode=position_mode)
 
-    predicted = select(false, mmu_at["answer"] | mmu_at["eos"], lm_at["text"] | lm_at["eos"])
+    mmu_predicted = mmu_at["answer"] | mmu_at["eos"]
+    if "text_targets" in batch:
+        text_targets = jnp.asarray(batch["text_targets"], bool)
+        _check_batch("text_targets", text_targets, 2, b)
+        # The text segment starts at n + 4 in every MMU row (`_mmu_segments`).
+        mmu_predicted = mmu_predicted | (
+            mmu_at["text"] & _gather(text_targets, jnp.arange(length)[None, :] - (n + 4)))
+    predicted = select(false, mmu_predicted, lm_at["text"] | lm_at["eos"])
     out["targets"] = jnp.concatenate(
         [tokens[:, 1:], jnp.full((b, 1), vocab.pad_id, jnp.int32)], axis=1)
     out["target_weights"] = jnp.concatenate(

@@ -21,6 +21,9 @@ import jax.numpy as jnp
 from unif2ace_jax.errors import UserError
 
 SPECIAL_TOKENS: tuple[str, ...] = ("t2i", "mmu", "soi", "eoi", "bos", "eos", "pad")
+# In a raw batch's MMU `text`, this value stands for `<eos>` (the end of an answer inside a
+# row that packs several question-answer pairs); the sequence builder writes `eos_id` there.
+TEXT_EOS_MARKER = -1
 
 
 @dataclasses.dataclass(frozen=True)

@@ -14,7 +14,8 @@ from __future__ import annotations
 from absl import flags
 from ml_collections import config_flags
 
-from unif2ace_jax.errors import UserError, config_value, run_cli
+from unif2ace_jax import cli
+from unif2ace_jax.errors import run_cli
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
                                           lock_config=True)
@@ -25,15 +26,10 @@ flags.DEFINE_integer("process_id", None, "Multi-process: this process's index.")
 
 
 def main(argv: list[str]) -> None:
-    _quiet_logs()
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_value(_CONFIG)
-    if config is None:
-        raise UserError("--config is required (e.g. --config=configs/synthface_tiny.py)")
-    workdir = flags.FLAGS.workdir
-    if not workdir:
-        raise UserError("--workdir is required")
+    cli.quiet_logs()
+    cli.no_positional(argv)
+    config = cli.require_config(_CONFIG, "configs/synthface_tiny.py")
+    workdir = cli.require("workdir")
     from unif2ace_jax.parallel.distributed import maybe_initialize
 
     maybe_initialize(coordinator=flags.FLAGS.coordinator, num_processes=flags.FLAGS.num_processes,
@@ -41,14 +37,6 @@ def main(argv: list[str]) -> None:
     from unif2ace_jax.train.train import train
 
     train(config, workdir)
-
-
-def _quiet_logs() -> None:
-    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable."""
-    from absl import logging
-
-    if not flags.FLAGS["verbosity"].present:
-        logging.set_verbosity(logging.WARNING)
 
 
 if __name__ == "__main__":

@@ -210,14 +210,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, kind: str, *,
         meta = {"vocab_size": int(tokenizer.vocab_size), "max_text_len": length,
                 "text_tokenizer": os.path.abspath(config.data.tokenizer.model_path)}
     tx, schedule = make_optimizer(section.optim, steps)
-    state, state_shardings = loop.init_state(init, tx, layout, jax.random.key(config.seed))
-    batch_shardings = layout.batch_shardings({k: v.ndim for k, v in arrays.items()})
-    train_step = loop.make_train_step(loss_fn, tx, schedule, state_shardings, batch_shardings)
-    run = loop.fit(name, workdir, state=state, state_shardings=state_shardings,
-                   train_step=train_step, iterator=iterator, batch_shardings=batch_shardings,
-                   steps=steps, log_every=int(section.train.log_every),
-                   checkpoint_every=int(section.train.checkpoint_every), stop_at=stop_at,
-                   on_start=loop.describe_start(name, state, layout, t_data))
+    run = loop.train_model(name, workdir, init_fn=init, loss_fn=loss_fn, tx=tx,
+                           schedule=schedule, layout=layout, seed=config.seed,
+                           iterator=iterator,
+                           batch_ndims={k: v.ndim for k, v in arrays.items()},
+                           train_config=section.train, t_data=t_data, stop_at=stop_at)
     if not run.finished:
         return None
 
@@ -245,14 +242,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, kind: str, *,
 def main(argv: list[str]) -> None:
     from absl import flags, logging
 
-    from unif2ace_jax.errors import config_value
+    from unif2ace_jax import cli
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_value(_CONFIG)
-    if config is None:
-        raise UserError("--config is required (e.g. --config=configs/encoders_synthface.py)")
+    cli.no_positional(argv)
+    config = cli.require_config(_CONFIG, "configs/encoders_synthface.py")
     f = flags.FLAGS
     if not f.kind:
         raise UserError(f"--kind is required ({' or '.join(KINDS)})")

@@ -13,15 +13,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 
 from unif2ace_jax.data import images as images_lib
-from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.judge import AttributeJudge, judge_loss, make_judge
 from unif2ace_jax.train import loop
 from unif2ace_jax.train.optim import make_optimizer
@@ -43,13 +40,12 @@ def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array
         padded, offsets)
 
 
-def make_train_step(model: AttributeJudge, tx: optax.GradientTransformation,
-                    schedule: optax.Schedule, state_shardings: Any, batch_shardings: Any,
-                    *, augment_shift: int = 0, seed: int = 0):
-    """jit(state, batch) -> (state, metrics); the input state's buffers are donated.
+def judge_loss_fn(model: AttributeJudge, *, augment_shift: int = 0, seed: int = 0) -> loop.LossFn:
+    """`loss_fn(params, batch, step) -> (loss, {"acc"})` of the judge for `loop.make_train_step`.
 
-    With `augment_shift` > 0 every image is randomly translated by up to that many pixels
-    (the randomness depends only on (seed, step), so a resumed run repeats it exactly).
+    batch: ``{"image": uint8 [B, H, W, 3], "labels": int [B, A]}``. With `augment_shift` > 0
+    every image is randomly translated by up to that many pixels (the randomness depends only
+    on (seed, step), so a resumed run repeats it exactly).
     """
 
     def loss_fn(params, batch, step):
@@ -60,7 +56,7 @@ def make_train_step(model: AttributeJudge, tx: optax.GradientTransformation,
         loss, aux = judge_loss(model.apply({"params": params}, images), batch["labels"])
         return loss, {"acc": aux["accuracy"]}
 
-    return loop.make_train_step(loss_fn, tx, schedule, state_shardings, batch_shardings)
+    return loss_fn
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None
@@ -87,17 +83,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     model = make_judge(config.model, images_lib.num_values())
     tx, schedule = make_optimizer(config.optim, steps)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-    state, state_shardings = loop.init_state(lambda key: model.init(key, dummy)["params"], tx,
-                                             layout, jax.random.key(config.seed))
-    batch_shardings = layout.batch_shardings({"image": 4, "labels": 2})
-    train_step = make_train_step(model, tx, schedule, state_shardings, batch_shardings,
-                                 augment_shift=int(config.train.get("augment_shift", 0)),
-                                 seed=int(config.seed))
-    run = loop.fit("judge", workdir, state=state, state_shardings=state_shardings,
-                   train_step=train_step, iterator=iterator, batch_shardings=batch_shardings,
-                   steps=steps, log_every=int(config.train.log_every),
-                   checkpoint_every=int(config.train.checkpoint_every), stop_at=stop_at,
-                   on_start=loop.describe_start("judge", state, layout, t_data))
+    loss_fn = judge_loss_fn(model, augment_shift=int(config.train.get("augment_shift", 0)),
+                            seed=int(config.seed))
+    run = loop.train_model("judge", workdir, init_fn=lambda key: model.init(key, dummy)["params"],
+                           loss_fn=loss_fn, tx=tx, schedule=schedule, layout=layout,
+                           seed=config.seed, iterator=iterator,
+                           batch_ndims={"image": 4, "labels": 2}, train_config=config.train,
+                           t_data=t_data, stop_at=stop_at)
     if not run.finished:
         return None
     state, step, first_step, train_seconds, logger = (run.state, run.step, run.first_step,
@@ -127,21 +119,15 @@ def _eval_data_config(config: ml_collections.ConfigDict) -> ml_collections.Confi
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
+    from absl import logging
 
-    from unif2ace_jax.errors import config_value
+    from unif2ace_jax import cli
 
     logging.set_verbosity(logging.WARNING)  # Orbax logs every save at INFO
 
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_value(_CONFIG)
-    if config is None:
-        raise UserError("--config is required (e.g. --config=configs/judge_synthface.py)")
-    workdir = flags.FLAGS.workdir
-    if not workdir:
-        raise UserError("--workdir is required")
-    train(config, workdir)
+    cli.no_positional(argv)
+    config = cli.require_config(_CONFIG, "configs/judge_synthface.py")
+    train(config, cli.require("workdir"))
 
 
 def _define_flags():

@@ -1,4 +1,4 @@
-"""The training skeleton shared by the project's small single-model trainers (judge, encoders).
+"""The training skeleton shared by the project's small trainers (judge, encoders, tokenizer).
 
 A trainer supplies an ``init_fn(key) -> params`` (boxed, with logical axis names), a
 ``loss_fn(params, batch, step) -> (loss, metrics)`` and a checkpointable data iterator of host
@@ -7,8 +7,11 @@ batches; this module does the rest:
 * `setup_mesh`: mesh and rules from ``config.mesh`` / ``config.sharding``, batch-size checks;
 * `init_state`: the train state ``{"step", "params", "opt_state"}`` laid out on the mesh;
 * `make_train_step`: ``jit(state, batch) -> (state, metrics)``, data parallel, state donated;
-* `fit`: resume from the latest Orbax checkpoint (state + iterator position), run the steps with
-  a progress line and ``metrics.jsonl``, checkpoint every ``checkpoint_every`` steps.
+* `fit`: resume from the latest Orbax checkpoint (state + iterator position, `resume`), run the
+  steps with a progress line and ``metrics.jsonl``, checkpoint every ``checkpoint_every`` steps;
+* `train_model`: all of the above after `setup_mesh`, for a trainer with one model.
+
+The image tokenizer (two models with a GAN) runs its own loop on `batch_shards` and `resume`.
 """
 
 from __future__ import annotations
@@ -74,13 +77,18 @@ def setup_mesh(config: ml_collections.ConfigDict, global_batch: int, steps: int)
     if global_batch % jax.process_count():
         raise UserError(f"train.batch_size {global_batch} is not divisible by the "
                         f"{jax.process_count()} processes")
-    batch_axis = dict(rules)["batch"]
-    batch_axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis or ())
-    shards = int(np.prod([mesh.shape[a] for a in batch_axes])) if batch_axes else 1
+    shards = batch_shards(mesh, rules)
     if global_batch % shards:
         raise UserError(f"train.batch_size {global_batch} is not divisible by the {shards} "
                         f"data-parallel shards of the mesh")
     return Layout(mesh, rules, global_batch, global_batch // jax.process_count())
+
+
+def batch_shards(mesh: Mesh, rules: Any) -> int:
+    """How many ways the logical "batch" axis of `rules` splits a batch over `mesh`."""
+    batch_axis = dict(rules)["batch"]
+    axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 def init_state(init_fn: Callable[[jax.Array], Any], tx: optax.GradientTransformation,
@@ -140,6 +148,20 @@ class FitResult:
     logger: MetricsLogger
 
 
+def resume(name: str, workdir: str, checkpointer: Checkpointer, state: Any,
+           state_shardings: Any, iterator: Iterator) -> tuple[Any, int]:
+    """``(state, first step)``: the latest checkpoint's state (laid out by `state_shardings`,
+    `iterator` moved to its position) when there is one, else ``(state, 0)`` unchanged."""
+    if checkpointer.latest_step() is None:
+        return state, 0
+    abstract = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
+    state = checkpointer.restore(abstract, iterator)
+    first_step = int(state["step"])
+    print(f"[{name}] resumed from step {first_step} in {workdir}", flush=True)
+    return state, first_step
+
+
 def fit(name: str, workdir: str, *, state: Any, state_shardings: Any, train_step: Callable,
         iterator: Iterator, batch_shardings: dict, steps: int, log_every: int,
         checkpoint_every: int, stop_at: int | None = None, items_name: str = "img",
@@ -151,13 +173,7 @@ def fit(name: str, workdir: str, *, state: Any, state_shardings: Any, train_step
     """
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 save_interval_steps=int(checkpoint_every))
-    first_step = 0
-    if checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        state = checkpointer.restore(abstract, iterator)
-        first_step = int(state["step"])
-        print(f"[{name}] resumed from step {first_step} in {workdir}", flush=True)
+    state, first_step = resume(name, workdir, checkpointer, state, state_shardings, iterator)
     if on_start is not None:
         on_start(first_step)
     logger = MetricsLogger(workdir, steps, name=name, items_name=items_name, first_step=first_step)
@@ -194,3 +210,25 @@ def describe_start(name: str, state: dict, layout: Layout, t_data: float) -> Cal
               f"{count:,} parameters; mesh {dict(layout.mesh.shape)}", flush=True)
 
     return show
+
+
+def train_model(name: str, workdir: str, *, init_fn: Callable[[jax.Array], Any], loss_fn: LossFn,
+                tx: optax.GradientTransformation, schedule: optax.Schedule, layout: Layout,
+                seed: int, iterator: Iterator, batch_ndims: dict[str, int],
+                train_config: ml_collections.ConfigDict, t_data: float,
+                stop_at: int | None = None) -> FitResult:
+    """The whole loop of a single-model trainer: `init_state` (key ``jax.random.key(seed)``),
+    `make_train_step`, then `fit` for ``train_config.steps`` steps (``log_every``,
+    ``checkpoint_every`` from `train_config`), printing `describe_start` on start.
+
+    `batch_ndims`: name -> dimensions of each host batch array (e.g. ``{"image": 4}`` for
+    ``[B, H, W, 3]``).
+    """
+    state, state_shardings = init_state(init_fn, tx, layout, jax.random.key(seed))
+    batch_shardings = layout.batch_shardings(batch_ndims)
+    train_step = make_train_step(loss_fn, tx, schedule, state_shardings, batch_shardings)
+    return fit(name, workdir, state=state, state_shardings=state_shardings,
+               train_step=train_step, iterator=iterator, batch_shardings=batch_shardings,
+               steps=int(train_config.steps), log_every=int(train_config.log_every),
+               checkpoint_every=int(train_config.checkpoint_every), stop_at=stop_at,
+               on_start=describe_start(name, state, layout, t_data))

@@ -36,7 +36,8 @@ from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.sampling.masking import mask_image_codes
 
 # Keys of a raw batch that the objective reads (the rest, e.g. decoded images, stays on host).
-MODEL_KEYS = ("task", "text", "text_len", "answer", "answer_len", "image_codes", "valid")
+MODEL_KEYS = ("task", "text", "text_len", "answer", "answer_len", "text_targets",
+              "image_codes", "valid")
 
 
 def default_loss_config() -> ml_collections.ConfigDict:

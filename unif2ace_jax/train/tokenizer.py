@@ -215,12 +215,6 @@ def _progress_line(step: int, steps: int, mean: dict, record: dict, shown) -> st
     return " | ".join(parts)
 
 
-def _batch_shards(mesh: Mesh, rules: rules_lib.Rules) -> int:
-    batch_axis = dict(rules)["batch"]
-    axes = (batch_axis,) if isinstance(batch_axis, str) else tuple(batch_axis or ())
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
-
-
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict:
     """Trains (or resumes) the tokenizer in `workdir`; returns the final record (with the
     end-of-training evaluation when ``train.eval_examples > 0``).
@@ -235,7 +229,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
                         f"{steps} and {global_batch}")
     mesh = mesh_lib.make_mesh(config.mesh, config.get("dcn_mesh", None))
     rules = rules_lib.get_rules(tuple(config.sharding.get("rules", ())))
-    shards = _batch_shards(mesh, rules)
+    shards = loop.batch_shards(mesh, rules)
     if global_batch % jax.process_count() or global_batch % shards:
         raise UserError(f"train.batch_size {global_batch} must be divisible by the "
                         f"{jax.process_count()} processes and the {shards} data-parallel shards")
@@ -261,13 +255,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
                                 max_to_keep=int(config.train.get("keep_checkpoints", 2)),
                                 save_interval_steps=int(config.train.checkpoint_every))
-    first_step = 0
-    if checkpointer.latest_step() is not None:
-        abstract = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_shardings)
-        state = checkpointer.restore(abstract, iterator)
-        first_step = int(state["step"])
-        print(f"[tokenizer] resumed from step {first_step} in {workdir}", flush=True)
+    state, first_step = loop.resume("tokenizer", workdir, checkpointer, state, state_shardings,
+                                    iterator)
     n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
     grid = image_size // parts.model.downsample_factor
     print(f"[tokenizer] {n_params:,} parameters; {image_size}px -> {grid}x{grid} codes of "
@@ -346,19 +335,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
+    from unif2ace_jax import cli
 
-    from unif2ace_jax.errors import config_value
-
-    if len(argv) > 1:
-        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    config = config_value(_CONFIG)
-    if config is None:
-        raise UserError("--config is required (e.g. --config=configs/tokenizer_synthface_64.py)")
-    workdir = flags.FLAGS.workdir
-    if not workdir:
-        raise UserError("--workdir is required")
-    train(config, workdir)
+    cli.no_positional(argv)
+    config = cli.require_config(_CONFIG, "configs/tokenizer_synthface_64.py")
+    train(config, cli.require("workdir"))
 
 
 def _define_flags():

@@ -48,7 +48,7 @@ from unif2ace_jax.parallel import mesh as mesh_lib
 from unif2ace_jax.parallel import presets as presets_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import state as state_lib
-from unif2ace_jax.train.objective import model_inputs, unified_loss
+from unif2ace_jax.train.objective import MODEL_KEYS, model_inputs, unified_loss
 from unif2ace_jax.train import loop
 from unif2ace_jax.train.optim import make_optimizer
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
@@ -223,8 +223,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     host_inputs = model_inputs(first, extra_fields)
     init_features = default_features(first["task"][:1], np.zeros((1,), np.float32),
                                      {n: v[:1] for n, v in host_inputs.items()
-                                      if n not in ("task", "text", "text_len", "answer",
-                                                   "answer_len", "image_codes", "valid")})
+                                      if n not in MODEL_KEYS})
 
     # ======================================================================= optimizer
     tx, schedule = make_optimizer(config.optim, total_steps)

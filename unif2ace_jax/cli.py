@@ -1,0 +1,54 @@
+"""Checks shared by the command-line entry points (absl ``main(argv)`` functions).
+
+Each check raises a UserError with the one-line message the CLIs print (`errors.run_cli`
+turns it into ``error: ...`` and exit status 2).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from unif2ace_jax.errors import UserError, config_value
+
+
+def quiet_logs() -> None:
+    """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable
+    (unless ``--verbosity`` was given)."""
+    from absl import flags, logging
+
+    if not flags.FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)
+
+
+def no_positional(argv: list[str]) -> None:
+    """UserError when the command line holds arguments besides flags."""
+    if len(argv) > 1:
+        raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
+
+
+def require(name: str) -> Any:
+    """The value of flag ``--name``; UserError ``--name is required`` when it is unset/empty."""
+    from absl import flags
+
+    value = getattr(flags.FLAGS, name)
+    if not value:
+        raise UserError(f"--{name} is required")
+    return value
+
+
+def begin(argv: list[str], *required: str) -> None:
+    """The usual start of an inference CLI: `quiet_logs`, `no_positional`, then `require` of
+    each flag in `required`, in that order."""
+    quiet_logs()
+    no_positional(argv)
+    for name in required:
+        require(name)
+
+
+def require_config(holder: Any, example: str) -> Any:
+    """The ConfigDict of a `config_flags.DEFINE_config_file` holder (`errors.config_value`);
+    UserError ``--config is required (e.g. --config=<example>)`` when none was given."""
+    config = config_value(holder)
+    if config is None:
+        raise UserError(f"--config is required (e.g. --config={example})")
+    return config
