@@ -138,6 +138,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_field = "image_codes"
     config.data.max_text_len = 64  # ~9 of a caption's ~15 attributes; evaluation scores those
     config.data.max_answer_len = 4
+    # Up to 4 QA pairs of one image per MMU row (distinct attributes; evaluation asks one): four
+    # answers for the compute of one row.
+    config.data.mmu_questions_per_row = 4
     config.data.mixture = ml_collections.ConfigDict({"t2i": 2.0, "mmu": 1.0, "lm": 0.1})
     config.data.batch_size = 32
     config.data.eval_batch_size = 100
