@@ -215,7 +215,8 @@ class ElementBuilder:
             if len(rows) == spec.mmu_questions_per_row:
                 break
         last = rows[0]
-        room = spec.max_text_len - len(self.tokenizer.encode(last["question"]))
+        last_q = self.tokenizer.encode(last["question"])
+        room = spec.max_text_len - len(last_q)
         text_ids: list[int] = []
         text_targets: list[bool] = []
         for row in rows[1:]:
@@ -225,7 +226,6 @@ class ElementBuilder:
                 break
             text_ids += q + a
             text_targets += [False] * len(q) + [True] * len(a)
-        last_q = self.tokenizer.encode(last["question"])
         return last, text_ids + last_q, text_targets + [False] * len(last_q)
 
     def build(
@@ -270,7 +270,8 @@ class ElementBuilder:
         text_arr, text_len = _pad(text_ids, spec.max_text_len)
         ans_arr, ans_len = _pad(answer_ids, spec.max_answer_len)
         targets_arr = np.zeros(spec.max_text_len, bool)
-        targets_arr[: min(len(text_targets), spec.max_text_len)] = text_targets[: spec.max_text_len]
+        kept = text_targets[: spec.max_text_len]
+        targets_arr[: len(kept)] = kept
         out = {
             "task": np.int32(task),
             "text": text_arr,
