@@ -15,7 +15,8 @@ L x L product as computed), plus ``2 D V`` per token for the lm head and ``2 D K
 token for the image-code logits. (XLA's CPU cost analysis counts a scanned layer once, so it
 is not used.)
 
-A synthetic batch (random ids; one third each T2I, MMU, LM rows) with the shapes of
+A synthetic batch (random ids; one third each T2I, MMU, LM rows; random feature vectors for a
+seq-MoE's ``config.data.extra_fields``) with the shapes of
 ``config.bench`` (batch_size, text_width, answer_width, text_vocab_size) or else of
 ``config.data`` is used, so no dataset or tokenizer is needed.
 """
@@ -88,7 +89,6 @@ def build_unified_step(config):
     mesh = make_mesh(config.mesh)
     rules = rules_lib.get_rules(tuple(config.get("sharding", {}).get("rules", ())))
     tx, schedule = make_optimizer(config.optim, int(config.get("total_steps", 1000)))
-    state, shardings = state_lib.create_train_state(model, tx, mesh, rules, jax.random.key(0))
     rng = np.random.default_rng(0)
     b, lt, la = s["batch"], s["text_width"], s["answer_width"]
     batch = {
@@ -100,9 +100,25 @@ def build_unified_step(config):
         "image_codes": rng.integers(0, k, (b, grid * grid)).astype(np.int32),
         "valid": np.ones((b,), bool),
     }
+    # The records' feature fields a seq-MoE reads (clip / face), random like the rest.
+    extra_fields = tuple(config.data.get("extra_fields", ()) or ())
+    if extra_fields:
+        from unif2ace_jax.models.moe.seq_moe import dummy_features
+
+        shapes = dummy_features(m.seq_moe, b)
+        for name in extra_fields:
+            batch[name] = rng.standard_normal(shapes[name].shape).astype(np.float32)
+    init_features = None
+    if extra_fields:
+        from unif2ace_jax.models.unified import default_features
+
+        init_features = default_features(batch["task"][:1], np.zeros((1,), np.float32),
+                                         {n: batch[n][:1] for n in extra_fields})
+    state, shardings = state_lib.create_train_state(model, tx, mesh, rules, jax.random.key(0),
+                                                    init_features)
     bs = {name: rules_lib.batch_sharding(mesh, rules, v.ndim) for name, v in batch.items()}
     step = make_train_step(model, tx, schedule, config.loss, shardings, bs, mesh, rules,
-                           seed=0)
+                           seed=0, extra_fields=extra_fields)
     batch = to_global(batch, bs)
     holder = {"state": state}
 

@@ -17,6 +17,9 @@ Fields of `data` (all used by `unif2ace_jax.data.pipeline`):
   caption_prompt         the captioning prompt
   mmu_questions_per_row  a QA mmu example packs up to this many QA pairs of its image (distinct
                          attributes, as many as fit in max_text_len); evaluation uses one
+  t2i_short_caption_prob a t2i training caption keeps only its first k sentences (k uniform in
+                         1..all) with this probability, so short prompts are in distribution;
+                         evaluation always uses whole captions
   image_field            "image" | "image_codes" | "both"
   extra_fields           embedding fields passed through as float32 (derived datasets)
   batch_size             GLOBAL batch size; each of P hosts gets batch_size // P
@@ -51,6 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.mmu_caption_prob = 0.0
     data.caption_prompt = "describe the face."
     data.mmu_questions_per_row = 1
+    data.t2i_short_caption_prob = 0.0
     data.image_field = "image"
     data.extra_fields = ()
     data.batch_size = 8 if tiny else 64

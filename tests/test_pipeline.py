@@ -136,6 +136,43 @@ def test_captioning_mmu_rows(env):
         pipeline.element_spec(_config(env, mmu_caption_prob=1.5).data)
 
 
+def test_caption_sentences():
+    assert pipeline.caption_sentences("A b. C d!  E f? g") == ["A b.", "C d!", "E f?", "g"]
+    assert pipeline.caption_sentences("  no full stop ") == ["no full stop"]
+    assert pipeline.caption_sentences("3.5 mm. Next.") == ["3.5 mm.", "Next."]
+
+
+def test_short_t2i_captions_in_training_only(env):
+    _, model, src = env
+    tok = SentencePieceTokenizer(model)
+    config = _config(env, t2i_short_caption_prob=0.5, max_text_len=400)
+    config.data.mixture = {"t2i": 1.0}
+    source = src.as_data_source("train")
+    kept, whole = [], 0
+    for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 10):
+        for b in range(4):
+            caption = records.as_str(source[int(batch["index"][b])]["caption"])
+            sentences = pipeline.caption_sentences(caption)
+            text = batch["text"][b, :int(batch["text_len"][b])].tolist()
+            prefixes = [tok.encode(" ".join(sentences[:k]))[:400]
+                        for k in range(1, len(sentences))]
+            prefixes.append(tok.encode(caption)[:400])  # uncut: the caption as it is
+            assert text in prefixes, "a t2i caption must be a whole-sentence prefix"
+            k = prefixes.index(text) + 1
+            whole += k == len(sentences)
+            kept.append(k / len(sentences))
+    assert min(kept) < 0.5 and whole >= 10, (kept, whole)  # p = 0.5: about half cut, half whole
+    config.data.mixture = {"t2i": 1.0, "mmu": 1.0}
+    evaluated = pipeline.make_eval_iterator(config, "train", "t2i", batch_size=4)
+    for batch in _take(evaluated, 3):
+        for b in range(4):
+            caption = records.as_str(source[int(batch["index"][b])]["caption"])
+            n = int(batch["text_len"][b])
+            assert batch["text"][b, :n].tolist() == tok.encode(caption)[:400]
+    with pytest.raises(UserError, match="t2i_short_caption_prob"):
+        pipeline.element_spec(_config(env, t2i_short_caption_prob=-0.1).data)
+
+
 def test_packed_qa_rows(env):
     _, model, src = env
     tok = SentencePieceTokenizer(model)

@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
 from typing import Any, Mapping
 
 import numpy as np
@@ -91,6 +92,7 @@ class ElementSpec:
     mmu_caption_prob: float = 0.0
     caption_prompt: str = "describe the face."
     mmu_questions_per_row: int = 1
+    t2i_short_caption_prob: float = 0.0
 
     @property
     def wants_image(self) -> bool:
@@ -135,6 +137,7 @@ def element_spec(data: Any) -> ElementSpec:
         mmu_caption_prob=_probability(data, "mmu_caption_prob", 0.0),
         caption_prompt=str(data.get("caption_prompt", "describe the face.")),
         mmu_questions_per_row=_positive(data, "mmu_questions_per_row", 1),
+        t2i_short_caption_prob=_probability(data, "t2i_short_caption_prob", 0.0),
     )
 
 
@@ -150,6 +153,16 @@ def _probability(data: Any, name: str, default: float) -> float:
     if not 0.0 <= value <= 1.0:
         raise UserError(f"data.{name} must be in [0, 1], got {value}")
     return value
+
+
+def caption_sentences(caption: str) -> list[str]:
+    """The caption's sentences (split after ``.``, ``!`` or ``?`` and white space); ``[caption]``
+    when it has none."""
+    parts = [p for p in _SENTENCE_END.split(caption.strip()) if p]
+    return parts or [caption]
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
 
 
 def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -265,6 +278,9 @@ class ElementBuilder:
                 text = f"{row['question']} {row['answer']}"
         else:
             text = caption
+            if spec.t2i_short_caption_prob > 0 and rng.random() < spec.t2i_short_caption_prob:
+                sentences = caption_sentences(caption)
+                text = " ".join(sentences[: 1 + rng.integers(len(sentences))])
         if task != MMU:
             text_ids = self.tokenizer.encode(text)
         text_arr, text_len = _pad(text_ids, spec.max_text_len)
@@ -472,7 +488,7 @@ def make_eval_iterator(
     if task not in ("t2i", "mmu"):
         raise UserError(f"eval task must be 't2i' or 'mmu', got {task!r}")
     process_index, process_count = _process_index_count(process_index, process_count)
-    spec = element_spec(data)
+    spec = dataclasses.replace(element_spec(data), t2i_short_caption_prob=0.0)  # whole captions
     global_batch = int(batch_size or data.get("eval_batch_size", data.batch_size))
     batch = per_host_batch_size(global_batch, process_count)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data)
