@@ -160,7 +160,9 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
         dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True, group_assignment="task", position_mode="valid",
-        image_code_embedding="table"))
+        # A learned row per image place: without it a fully masked canvas is 64 identical
+        # [MASK] inputs and the caption's words (but the background) go unused (README).
+        image_code_embedding="table", image_position_embedding=True))
 
     config.loss = ml_collections.ConfigDict(dict(
         w_t2i=1.0, w_mmu=1.0, w_lm=0.1, alpha=0.01, mask_weight=1.0, schedule="cosine",

@@ -11,6 +11,7 @@ import pytest
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.backbone import (SEQ_MOE_SLOTS, build_backbone, default_model_config,
+                                          image_token_index,
                                           stack_layer_params, unstack_layer_params)
 from unif2ace_jax.models.ffn import FFN_SLOTS
 from unif2ace_jax.models.masks import omni_attention_mask
@@ -335,6 +336,41 @@ def test_dropout_active_only_when_not_deterministic(inputs, policy):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     assert np.abs(np.asarray(a) - np.asarray(base)).max() > 1e-3
     assert np.abs(np.asarray(a) - np.asarray(c)).max() > 1e-3
+
+
+def test_image_token_index_on_a_hand_written_case():
+    off, k = VOCAB.image_offset, VOCAB.num_image_codes
+    tokens = jnp.array([[3, off, off + k, off + 5, 7],     # code, [MASK], code
+                        [off + 1, 2, off + k - 1, 0, off - 1]])
+    is_image, place = image_token_index(tokens, off, k)
+    np.testing.assert_array_equal(np.asarray(is_image), [[0, 1, 1, 1, 0], [1, 0, 1, 0, 0]])
+    np.testing.assert_array_equal(np.asarray(place), [[0, 0, 1, 2, 0], [0, 0, 1, 0, 0]])
+
+
+def test_image_position_embedding_adds_one_row_per_image_place(inputs):
+    """With the table zeroed the model is the plain one; row i moves only what place i feeds."""
+    with_pos = build_backbone(_config(image_position_embedding=True), VOCAB, num_image_tokens=4)
+    params = nn.unbox(_init(with_pos, inputs)["params"])
+    assert params["embed_image_positions"]["embedding"].shape == (4, 32)
+    plain = build_backbone(_config(), VOCAB)
+    base = {k: v for k, v in params.items() if k != "embed_image_positions"}
+    zeroed = dict(params, embed_image_positions={"embedding": jnp.zeros((4, 32))})
+    ref = np.asarray(_apply(plain, {"params": base}, inputs))
+    np.testing.assert_allclose(np.asarray(_apply(with_pos, {"params": zeroed}, inputs)), ref,
+                               rtol=1e-5, atol=1e-5)
+    # The same shift added to every image token's embedding row == a table of equal rows.
+    shift = np.random.default_rng(3).normal(size=(32,)).astype(np.float32)
+    table = np.array(base["embed_tokens"]["embedding"])
+    table[VOCAB.image_offset:VOCAB.image_offset + VOCAB.num_image_codes + 1] += shift
+    shifted = dict(base, embed_tokens={"embedding": jnp.asarray(table)})
+    same_rows = dict(params, embed_image_positions={"embedding": jnp.tile(shift, (4, 1))})
+    np.testing.assert_allclose(np.asarray(_apply(with_pos, {"params": same_rows}, inputs)),
+                               np.asarray(_apply(plain, {"params": shifted}, inputs)),
+                               rtol=1e-4, atol=1e-4)
+    # Distinct rows are not a token-table change: the output differs from the plain model's.
+    assert np.abs(np.asarray(_apply(with_pos, {"params": params}, inputs)) - ref).max() > 1e-3
+    with pytest.raises(UserError, match="image_position_embedding"):
+        build_backbone(_config(image_position_embedding=True), VOCAB)
 
 
 def test_bit_embedding_equals_a_table_with_the_bits_folded_in(inputs):

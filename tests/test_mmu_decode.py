@@ -181,3 +181,20 @@ def test_unrolled_layers_decode_the_same(setup):
     b = mmu_decode(unrolled, flat, prefix, vocab=VOCAB, max_new_tokens=T, return_logits=True)
     np.testing.assert_array_equal(np.asarray(a["tokens"]), np.asarray(b["tokens"]))
     np.testing.assert_allclose(np.asarray(a["logits"]), np.asarray(b["logits"]), atol=1e-5)
+
+
+def test_kv_cache_equals_full_recomputation_with_image_positions(setup):
+    """The image-position embedding reaches the cached prefix exactly as the full pass."""
+    _, _, codes, question, qlen = setup
+    model = build_backbone(_config(image_position_embedding=True), VOCAB, num_image_tokens=4)
+    prefix = build_mmu_prefix(codes, question, qlen, VOCAB, pad_side="left")
+    variables = jax.jit(model.init)(
+        jax.random.key(0), prefix["tokens"],
+        mask=omni_attention_mask(prefix["is_pad"], prefix["image_span"]),
+        positions=prefix["positions"], group=prefix["group"], valid=prefix["valid"])
+    params = nn.unbox(variables)
+    assert params["params"]["embed_image_positions"]["embedding"].shape == (4, 32)
+    result = mmu_decode(model, params, prefix, vocab=VOCAB, max_new_tokens=T,
+                        return_logits=True)
+    ref_logits, ref_tokens = _recompute(model, params, prefix, np.asarray(result["tokens"]))
+    _compare(result, ref_logits, ref_tokens)

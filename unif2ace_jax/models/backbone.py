@@ -30,6 +30,13 @@ code c's ±1 LFQ bit vector (`models.tokenizer.lfq.indices_to_codes`, log2 K bit
 share bits share part of their embedding from the first step, which a small model trained from
 scratch on few images learns from much faster; ``table`` keeps the layout of converted weights.
 
+Image-position embedding (``config.model.image_position_embedding``, [ours], off by default so
+converted Show-o / Phi weights keep their layout): a learned row per place ``0 … N-1`` of the
+image, added to the embedding of every image token (code or ``[MASK]``), place = the token's
+rank among the sequence's image tokens (`image_token_index`). Without it a fully masked canvas
+is N identical ``[MASK]`` inputs that only partial rotary tells apart. A sequence passed in
+pieces (KV-cache decoding) must bring all of its image tokens in one piece (the prefix).
+
 KV cache for decoding: ``{"k", "v"}: [num_layers, B, S, H, Dh]`` (see `Backbone.init_cache`,
 `Backbone.decode`).
 """
@@ -180,6 +187,8 @@ class Backbone(nn.Module):
     image_code_embedding: str = "table"  # table | table+bits
     image_offset: int = 0  # id of image code 0 (read with "table+bits")
     num_image_codes: int = 0  # K, a power of two (read with "table+bits")
+    image_position_embedding: bool = False
+    num_image_tokens: int = 0  # N (read with image_position_embedding)
 
     @property
     def head_dim(self) -> int:
@@ -194,6 +203,11 @@ class Backbone(nn.Module):
             self.vocab_size, self.d_model,
             embedding_init=nn.with_logical_partitioning(
                 nn.initializers.normal(self.init_std), ("vocab", "embed")), **kw)
+        if self.image_position_embedding:
+            self.embed_image_positions = nn.Embed(
+                self.num_image_tokens, self.d_model,
+                embedding_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(self.init_std), (None, "embed")), **kw)
         if self.image_code_embedding == "table+bits":
             self.embed_code_bits = nn.Dense(
                 self.d_model, use_bias=False, kernel_init=nn.with_logical_partitioning(
@@ -237,6 +251,11 @@ class Backbone(nn.Module):
             bits = indices_to_codes(jnp.where(is_code, codes, 0),
                                     self.num_image_codes.bit_length() - 1, self.dtype)
             x = x + jnp.where(is_code[..., None], self.embed_code_bits(bits), 0).astype(self.dtype)
+        if self.image_position_embedding:
+            is_image, place = image_token_index(tokens, self.image_offset, self.num_image_codes)
+            place = jnp.minimum(place, self.num_image_tokens - 1)
+            x = x + jnp.where(is_image[..., None], self.embed_image_positions(place),
+                              0).astype(self.dtype)
         x = rules_lib.constrain(x, ACTIVATION_AXES)
         args = (mask, positions, group, valid, cache_index, features, deterministic)
         if self.scan_layers:
@@ -344,12 +363,29 @@ def default_model_config() -> ml_collections.ConfigDict:
         block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
         dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True, group_assignment="task",
-        position_mode="valid", seq_moe=dict(name="none"), image_code_embedding="table"))
+        position_mode="valid", seq_moe=dict(name="none"), image_code_embedding="table",
+        image_position_embedding=False))
 
 
-def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab) -> Backbone:
-    """Builds the backbone from ``config.model``; the vocabulary size comes from `vocab`."""
+def image_token_index(tokens: jax.Array, image_offset: int, num_image_codes: int
+                      ) -> tuple[jax.Array, jax.Array]:
+    """``tokens [B, L] -> (is_image [B, L] bool, place [B, L] int32)``: image tokens are the ids
+    ``image_offset … image_offset + K`` (the K codes and ``[MASK]``); place is an image token's
+    rank among the row's image tokens (0 for the first), 0 elsewhere."""
+    is_image = (tokens >= image_offset) & (tokens <= image_offset + num_image_codes)
+    place = jnp.cumsum(is_image.astype(jnp.int32), axis=-1) - 1
+    return is_image, jnp.where(is_image, place, 0)
+
+
+def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
+                   num_image_tokens: int = 0) -> Backbone:
+    """Builds the backbone from ``config.model``; the vocabulary size comes from `vocab`, N (the
+    image-position embedding's rows) from `num_image_tokens`."""
     c = model_config
+    image_positions = bool(c.get("image_position_embedding", False))
+    if image_positions and num_image_tokens < 1:
+        raise UserError("model.image_position_embedding needs the number of image tokens "
+                        f"(image_grid ** 2), got {num_image_tokens}")
 
     def frozen(section) -> ml_collections.FrozenConfigDict:
         if isinstance(section, ml_collections.FrozenConfigDict):
@@ -380,4 +416,5 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab) -> Bac
         param_dtype=_dtype(c.get("param_dtype", "float32")),
         remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True),
         image_code_embedding=code_embedding, image_offset=vocab.image_offset,
-        num_image_codes=k)
+        num_image_codes=k, image_position_embedding=image_positions,
+        num_image_tokens=int(num_image_tokens))

@@ -251,7 +251,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, text_vocab_size: int
                         f"{', '.join(POSITION_MODES)}")
     vocab = Vocab(text_size=int(text_vocab_size), num_image_codes=int(num_image_codes),
                   pad_to_multiple=int(model_config.get("vocab_pad_to_multiple", 1)))
-    return UnifiedModel(backbone=build_backbone(model_config, vocab), vocab=vocab,
+    backbone = build_backbone(model_config, vocab, num_image_tokens=int(image_grid) ** 2)
+    return UnifiedModel(backbone=backbone, vocab=vocab,
                         image_grid=int(image_grid), group_assignment=group_assignment,
                         position_mode=position_mode)
 
