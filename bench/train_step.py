@@ -102,16 +102,14 @@ def build_unified_step(config):
     }
     # The records' feature fields a seq-MoE reads (clip / face), random like the rest.
     extra_fields = tuple(config.data.get("extra_fields", ()) or ())
+    init_features = None
     if extra_fields:
         from unif2ace_jax.models.moe.seq_moe import dummy_features
+        from unif2ace_jax.models.unified import default_features
 
         shapes = dummy_features(m.seq_moe, b)
         for name in extra_fields:
             batch[name] = rng.standard_normal(shapes[name].shape).astype(np.float32)
-    init_features = None
-    if extra_fields:
-        from unif2ace_jax.models.unified import default_features
-
         init_features = default_features(batch["task"][:1], np.zeros((1,), np.float32),
                                          {n: batch[n][:1] for n in extra_fields})
     state, shardings = state_lib.create_train_state(model, tx, mesh, rules, jax.random.key(0),

@@ -28,6 +28,14 @@ def _config(**overrides):
     return c
 
 
+def _init_params(model, prefix):
+    """Unboxed variables of `model` initialised on an MMU prefix."""
+    return nn.unbox(jax.jit(model.init)(
+        jax.random.key(0), prefix["tokens"],
+        mask=omni_attention_mask(prefix["is_pad"], prefix["image_span"]),
+        positions=prefix["positions"], group=prefix["group"], valid=prefix["valid"]))
+
+
 @pytest.fixture(scope="module")
 def setup():
     rng = np.random.default_rng(0)
@@ -36,11 +44,7 @@ def setup():
     qlen = np.array([5, 2, 0])
     model = build_backbone(_config(), VOCAB)
     prefix = build_mmu_prefix(codes, question, qlen, VOCAB, pad_side="left")
-    variables = jax.jit(model.init)(
-        jax.random.key(0), prefix["tokens"],
-        mask=omni_attention_mask(prefix["is_pad"], prefix["image_span"]),
-        positions=prefix["positions"], group=prefix["group"], valid=prefix["valid"])
-    params = nn.unbox(variables)
+    params = _init_params(model, prefix)
     return model, params, codes, question, qlen
 
 
@@ -188,11 +192,7 @@ def test_kv_cache_equals_full_recomputation_with_image_positions(setup):
     _, _, codes, question, qlen = setup
     model = build_backbone(_config(image_position_embedding=True), VOCAB, num_image_tokens=4)
     prefix = build_mmu_prefix(codes, question, qlen, VOCAB, pad_side="left")
-    variables = jax.jit(model.init)(
-        jax.random.key(0), prefix["tokens"],
-        mask=omni_attention_mask(prefix["is_pad"], prefix["image_span"]),
-        positions=prefix["positions"], group=prefix["group"], valid=prefix["valid"])
-    params = nn.unbox(variables)
+    params = _init_params(model, prefix)
     assert params["params"]["embed_image_positions"]["embedding"].shape == (4, 32)
     result = mmu_decode(model, params, prefix, vocab=VOCAB, max_new_tokens=T,
                         return_logits=True)
