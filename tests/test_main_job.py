@@ -13,21 +13,35 @@ def _main(*args: str) -> subprocess.CompletedProcess:
                           text=True, timeout=120, env={**os.environ, "JAX_PLATFORMS": "cpu"})
 
 
+def _stages_run(stdout: str) -> list[str]:
+    return [line[3:] for line in stdout.splitlines() if line.startswith("== ") and ":" not in line]
+
+
 def test_dry_run_lists_every_stage_in_order(tmp_path):
     proc = _main(f"--workdir={tmp_path}", "--dry_run", "--unified_override=total_steps=7")
     assert proc.returncode == 0, proc.stderr[-2000:]
-    stages = [line[3:] for line in proc.stdout.splitlines()
-              if line.startswith("== ") and ":" not in line]
-    assert stages == ["data", "text_tokenizer", "judge", "tokenizer", "pretokenize", "encoders",
-                      "embeddings", "unified",
-                      "generate", "ask", "evaluate"]
+    assert _stages_run(proc.stdout) == ["data", "text_tokenizer", "judge", "tokenizer",
+                                        "pretokenize", "encoders", "embeddings", "unified",
+                                        "generate", "ask", "evaluate"]
     commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
     train = [c for c in commands if "-m unif2ace_jax.train " in c]
     assert len(train) == 1 and "--config.total_steps=7" in train[0]
     assert f"--config.data.data_dir={tmp_path}/data" in train[0]
+    assert "--config.data.dataset=synthface_codes_emb " in train[0]
     assert any("-m unif2ace_jax.evaluate " in c and "--split=test_heldout_combos" in c
                for c in commands)
     assert not os.path.exists(tmp_path / "summary.json")  # a dry run writes nothing
+
+
+def test_models_without_expert_features_skip_the_encoder_stages(tmp_path):
+    proc = _main(f"--workdir={tmp_path}", "--dry_run",
+                 "--unified_config=configs/synthface_tiny.py:moe=token")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert _stages_run(proc.stdout) == ["data", "text_tokenizer", "judge", "tokenizer",
+                                        "pretokenize", "unified", "generate", "ask", "evaluate"]
+    assert "== encoders: not needed" in proc.stdout and "== embeddings: not needed" in proc.stdout
+    train = [line for line in proc.stdout.splitlines() if "-m unif2ace_jax.train " in line]
+    assert len(train) == 1 and "--config.data.dataset=synthface_codes " in train[0]
 
 
 def test_finished_stages_are_skipped_and_answers_collected(tmp_path):
@@ -45,6 +59,16 @@ def test_finished_stages_are_skipped_and_answers_collected(tmp_path):
     assert result["answers"] == [{"face": "face_0.png", "question": "What color is the "
                                   "person's hair?", "answer": "red"}]
     assert result["attributes"] == [{"hair_color": "red"}]
+
+
+def test_bad_unified_config_is_one_error_line(tmp_path):
+    for spec, named in [("configs/nope.py:moe=seq", "configs/nope.py"),
+                        ("configs/synthface_tiny.py:moe=bogus", "moe='bogus'")]:
+        proc = _main(f"--workdir={tmp_path}", "--dry_run", f"--unified_config={spec}")
+        assert proc.returncode == 2
+        errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+        assert len(errors) == 1 and named in errors[0], proc.stderr[-2000:]
+        assert "$ " not in proc.stdout  # refused before any stage
 
 
 def test_unknown_stage_is_one_error_line(tmp_path):

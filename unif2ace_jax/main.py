@@ -13,6 +13,7 @@ interrupted run stopped; `--force=STAGE,...` reruns stages). Outputs under `--wo
     data/synthface_codes  the records with image codes added (pre-tokenised)
     encoders/face, encoders/clip   the seq-MoE's frozen face and CLIP-style encoders
     data/synthface_codes_emb       the records with codes and the encoders' embeddings
+                          (these two only when the unified config's seq-MoE reads the features)
     unified/              the unified model (checkpoints, metrics.jsonl, run.json)
     samples.png           faces generated for a few fine-grained prompts (one row per prompt)
     ask_faces/, answers.json  test faces, questions about them, the answers and the truth
@@ -23,6 +24,8 @@ interrupted run stopped; `--force=STAGE,...` reruns stages). Outputs under `--wo
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib.util
 import json
 import os
 import shlex
@@ -41,8 +44,10 @@ flags.DEFINE_string("force", "", "Comma-separated stages to rerun even if their 
 flags.DEFINE_string("data_config", "small_64", "SynthFace builder config for the main job.")
 flags.DEFINE_integer("text_vocab_size", 512, "SentencePiece vocabulary size.")
 flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
-flags.DEFINE_string("unified_config", "configs/synthface_tiny.py:moe=both",
-                    "Config of the unified model (default: the paper's model, both MoE levels).")
+flags.DEFINE_string("unified_config", "configs/synthface_tiny.py:moe=seq",
+                    "Config of the unified model (default: the sequence-level MoE with its "
+                    "frozen clip/face experts; ':moe=both' adds the token-level MoE, the paper's "
+                    "full model). Without the clip/face experts the encoders stages are skipped.")
 flags.DEFINE_multi_string("unified_override", [],
                           "Extra unified-model config overrides, e.g. total_steps=600 (repeatable).")
 flags.DEFINE_integer("eval_generate", 300, "evaluate: faces generated from captions per split.")
@@ -58,6 +63,7 @@ class Stage:
     outputs: Callable[[str], list[str]]  # paths that exist once the stage has finished
     commands: Callable[[str], list[list[str]]]
     summary: Callable[[str], dict] = lambda workdir: {}
+    needed: Callable[[], bool] = lambda: True  # False: the job skips it
 
 
 def _py(module: str, *args: str) -> list[str]:
@@ -126,8 +132,30 @@ ASK_QUESTIONS = (
 NUM_ASK_FACES = 3
 
 
+@functools.lru_cache(maxsize=None)
+def unified_reads_features(config_spec: str) -> bool:
+    """Whether the unified config ``path[:arg]`` reads the expert encoders' features (its
+    ``data.extra_fields``), i.e. whether the job needs the encoders and embeddings stages."""
+    path, _, arg = config_spec.partition(":")
+    if not os.path.isfile(path):
+        raise UserError(f"--unified_config: no config file {path!r}")
+    spec = importlib.util.spec_from_file_location("unified_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    try:
+        config = module.get_config(arg) if arg else module.get_config()
+    except ValueError as e:
+        raise UserError(f"--unified_config={config_spec}: {e}") from None
+    return bool(tuple(config.data.get("extra_fields", ())))
+
+
+def _needs_features() -> bool:
+    return unified_reads_features(FLAGS.unified_config)
+
+
 def _unified_overrides(w: str) -> list[str]:
-    return [f"--config.data.data_dir={_data_dir(w)}", f"--config.data.dataset={TRAIN_DATASET}",
+    dataset = TRAIN_DATASET if _needs_features() else CODED_DATASET
+    return [f"--config.data.data_dir={_data_dir(w)}", f"--config.data.dataset={dataset}",
             f"--config.data.config_name={FLAGS.data_config}",
             f"--config.data.tokenizer.model_path={_text_model(w)}",
             f"--config.tokenizer_workdir={_tok_dir(w)}",
@@ -215,6 +243,7 @@ STAGES: list[Stage] = [
             for k in ENCODER_KINDS],
         summary=lambda w: {f"encoder_{k}": _json(os.path.join(_encoder_dir(w, k), "eval.json"))
                            for k in ENCODER_KINDS},
+        needed=_needs_features,
     ),
     Stage(
         "embeddings",
@@ -225,6 +254,7 @@ STAGES: list[Stage] = [
             "--encoders=" + ",".join(f"synthface_{k}" for k in ENCODER_KINDS),
             "--encoder_workdirs=" + ",".join(_encoder_dir(w, k) for k in ENCODER_KINDS),
             f"--out_data_dir={_data_dir(w)}", f"--name={TRAIN_DATASET}")],
+        needed=_needs_features,
     ),
     Stage(
         "unified",
@@ -325,10 +355,15 @@ def main(argv: list[str]) -> None:
     for name in list(wanted) + sorted(force):
         if name not in names:
             raise UserError(f"unknown stage {name!r}; stages: {', '.join(names)}")
+    _needs_features()  # a bad --unified_config fails here, before any stage runs
     summary: dict = {}
     start = time.time()
     for stage in STAGES:
         if stage.name not in wanted:
+            continue
+        if not stage.needed():
+            print(f"== {stage.name}: not needed (the unified config reads no expert features)",
+                  flush=True)
             continue
         done = all(os.path.exists(p) for p in stage.outputs(workdir))
         if done and stage.name not in force:
