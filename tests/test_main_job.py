@@ -21,16 +21,35 @@ def test_dry_run_lists_every_stage_in_order(tmp_path):
     proc = _main(f"--workdir={tmp_path}", "--dry_run", "--unified_override=total_steps=7")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _stages_run(proc.stdout) == ["data", "text_tokenizer", "judge", "tokenizer",
-                                        "pretokenize", "encoders", "embeddings", "unified",
-                                        "generate", "ask", "evaluate"]
+                                        "tokenizer_eval", "pretokenize", "encoders",
+                                        "embeddings", "unified", "generate", "ask", "evaluate"]
     commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
     train = [c for c in commands if "-m unif2ace_jax.train " in c]
     assert len(train) == 1 and "--config.total_steps=7" in train[0]
     assert f"--config.data.data_dir={tmp_path}/data" in train[0]
-    assert "--config.data.dataset=synthface_codes_emb " in train[0]
+    assert "--config.data.dataset=synthface_codes_emb_face_clip " in train[0]
     assert any("-m unif2ace_jax.evaluate " in c and "--split=test_heldout_combos" in c
                for c in commands)
     assert not os.path.exists(tmp_path / "summary.json")  # a dry run writes nothing
+
+
+def test_the_job_trains_and_embeds_only_the_encoders_the_model_reads(tmp_path):
+    for variant, kinds in [("moe=seq", ["face", "clip"]), ("moe=seq,drop=clip", ["face"]),
+                           ("moe=seq,drop=face", ["clip"])]:
+        proc = _main(f"--workdir={tmp_path}", "--dry_run",
+                     f"--unified_config=configs/synthface_tiny.py:{variant}")
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        commands = [line[2:] for line in proc.stdout.splitlines() if line.startswith("$ ")]
+        trained = [c.split("--kind=")[1].split()[0] for c in commands
+                   if "-m unif2ace_jax.train.encoders " in c]
+        assert trained == kinds, variant
+        embed = [c for c in commands if "-m unif2ace_jax.data.embeddings " in c]
+        assert len(embed) == 1
+        assert "--encoders=" + ",".join(f"synthface_{k}" for k in kinds) + " " in embed[0]
+        dataset = "_".join(["synthface_codes_emb", *kinds])
+        assert f"--name={dataset}" in embed[0]
+        train = [c for c in commands if "-m unif2ace_jax.train " in c]
+        assert len(train) == 1 and f"--config.data.dataset={dataset} " in train[0]
 
 
 def test_models_without_expert_features_skip_the_encoder_stages(tmp_path):
@@ -38,7 +57,8 @@ def test_models_without_expert_features_skip_the_encoder_stages(tmp_path):
                  "--unified_config=configs/synthface_tiny.py:moe=token")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _stages_run(proc.stdout) == ["data", "text_tokenizer", "judge", "tokenizer",
-                                        "pretokenize", "unified", "generate", "ask", "evaluate"]
+                                        "tokenizer_eval", "pretokenize", "unified", "generate",
+                                        "ask", "evaluate"]
     assert "== encoders: not needed" in proc.stdout and "== embeddings: not needed" in proc.stdout
     train = [line for line in proc.stdout.splitlines() if "-m unif2ace_jax.train " in line]
     assert len(train) == 1 and "--config.data.dataset=synthface_codes " in train[0]

@@ -116,6 +116,8 @@ def trained(tmp_path_factory):
     resumed = str(tmp_path_factory.mktemp("resumed"))
     trainer.train(config, resumed, stop_at=2)
     assert load_tokenizer(resumed).step == 2
+    # exported at the checkpoint, but not completed: no summary (the main job's "done" marker)
+    assert not os.path.exists(os.path.join(resumed, trainer.TRAIN_SUMMARY))
     trainer.train(config, resumed)
     return config, straight, resumed
 
@@ -130,6 +132,9 @@ def test_resume_is_exact(trained):
     assert [r["step"] for r in lines if "loss" in r] == [2, 4]
     assert all(r["img_per_s"] > 0 for r in lines if "loss" in r)
     assert os.path.isfile(os.path.join(straight, "images", "recon_000004.png"))
+    for workdir in (straight, resumed):
+        with open(os.path.join(workdir, trainer.TRAIN_SUMMARY)) as f:
+            assert json.load(f)["step"] == 4
 
 
 def test_exported_tokenizer_and_evaluation(trained):

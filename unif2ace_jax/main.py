@@ -5,15 +5,20 @@
 
 Each stage is one of the project's own CLIs, printed before it runs, so every step can be
 repeated by hand. A stage whose output already exists is skipped (the job resumes where an
-interrupted run stopped; `--force=STAGE,...` reruns stages). Outputs under `--workdir`:
+interrupted run stopped; `--force=STAGE,...` reruns stages). Stages that do not read each other's
+outputs run side by side (`--jobs`, default 3: the judge, the image tokenizer and the expert
+encoders train together; `--jobs=1` runs them one after another); if one fails, the others are
+stopped. Outputs under `--workdir`:
 
     data/                 SynthFace TFDS records (array_record) and the SentencePiece model
     judge/                the SynthFace attribute judge; judge_test.json its test accuracy
-    tokenizer/            the LFQ image tokenizer; tokenizer_eval.json (PSNR, code usage, judge)
+    tokenizer/            the LFQ image tokenizer (train_summary.json once trained);
+                          tokenizer_eval.json (PSNR, code usage, judge on reconstructions)
     data/synthface_codes  the records with image codes added (pre-tokenised)
     encoders/face, encoders/clip   the seq-MoE's frozen face and CLIP-style encoders
-    data/synthface_codes_emb       the records with codes and the encoders' embeddings
-                          (these two only when the unified config's seq-MoE reads the features)
+    data/synthface_codes_emb_<kinds>   the records with codes and those encoders' embeddings
+                          (these two only for the features the unified config's seq-MoE reads:
+                          `data.extra_fields`, e.g. synthface_codes_emb_face)
     unified/              the unified model (checkpoints, metrics.jsonl, run.json)
     samples.png           faces generated for a few fine-grained prompts (one row per prompt)
     ask_faces/, answers.json  test faces, questions about them, the answers and the truth
@@ -31,23 +36,29 @@ import os
 import shlex
 import subprocess
 import sys
+import threading
 import time
 from typing import Callable
 
 from absl import flags
 
 from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.stage_graph import run_graph
 
 flags.DEFINE_string("workdir", "runs/default", "Where every stage writes its outputs.")
 flags.DEFINE_string("stages", "all", "Comma-separated stages to run (default: all, in order).")
 flags.DEFINE_string("force", "", "Comma-separated stages to rerun even if their output exists.")
 flags.DEFINE_string("data_config", "small_64", "SynthFace builder config for the main job.")
 flags.DEFINE_integer("text_vocab_size", 512, "SentencePiece vocabulary size.")
-flags.DEFINE_bool("dry_run", False, "Print the commands without running them.")
+flags.DEFINE_bool("dry_run", False, "Print the commands without running them (in order).")
+flags.DEFINE_integer("jobs", 3, "Stages run at once, each as soon as the stages whose outputs it "
+                     "reads have finished (1: one after another, in order).")
 flags.DEFINE_string("unified_config", "configs/synthface_tiny.py:moe=seq",
-                    "Config of the unified model (default: the sequence-level MoE with its "
-                    "frozen clip/face experts; ':moe=both' adds the token-level MoE, the paper's "
-                    "full model). Without the clip/face experts the encoders stages are skipped.")
+                    "Config of the unified model (default: the sequence-level MoE with its frozen "
+                    "clip/face experts; ':moe=both' adds the token-level MoE, the paper's full "
+                    "model). Only the encoders whose features the config reads are trained "
+                    "(':moe=seq,drop=clip' trains the face encoder alone); with none the encoders "
+                    "stages are skipped.")
 flags.DEFINE_multi_string("unified_override", [],
                           "Extra unified-model config overrides, e.g. total_steps=600 (repeatable).")
 flags.DEFINE_integer("eval_generate", 300, "evaluate: faces generated from captions per split.")
@@ -64,6 +75,7 @@ class Stage:
     commands: Callable[[str], list[list[str]]]
     summary: Callable[[str], dict] = lambda workdir: {}
     needed: Callable[[], bool] = lambda: True  # False: the job skips it
+    after: tuple[str, ...] = ()  # the stages whose outputs it reads
 
 
 def _py(module: str, *args: str) -> list[str]:
@@ -109,8 +121,8 @@ def _faces_dir(w: str) -> str:
 
 
 CODED_DATASET = "synthface_codes"  # + image codes
-TRAIN_DATASET = "synthface_codes_emb"  # + the expert encoders' embeddings
-ENCODER_KINDS = ("face", "clip")
+EMBEDDED_DATASET = "synthface_codes_emb"  # + the expert encoders' embeddings: "<this>_<kinds>"
+ENCODER_KINDS = ("face", "clip")  # the feature fields the job can compute (encoders stage)
 EVAL_SPLITS = ("test", "test_heldout_combos")
 # In SynthFace's vocabulary (data/synthface/attributes.py), phrased like its captions.
 SAMPLE_PROMPTS = (
@@ -133,9 +145,9 @@ NUM_ASK_FACES = 3
 
 
 @functools.lru_cache(maxsize=None)
-def unified_reads_features(config_spec: str) -> bool:
-    """Whether the unified config ``path[:arg]`` reads the expert encoders' features (its
-    ``data.extra_fields``), i.e. whether the job needs the encoders and embeddings stages."""
+def unified_feature_fields(config_spec: str) -> tuple[str, ...]:
+    """The expert-encoder features the unified config ``path[:arg]`` reads (its
+    ``data.extra_fields``, e.g. ``("face",)``): the encoders the job must train and embed."""
     path, _, arg = config_spec.partition(":")
     if not os.path.isfile(path):
         raise UserError(f"--unified_config: no config file {path!r}")
@@ -146,15 +158,31 @@ def unified_reads_features(config_spec: str) -> bool:
         config = module.get_config(arg) if arg else module.get_config()
     except ValueError as e:
         raise UserError(f"--unified_config={config_spec}: {e}") from None
-    return bool(tuple(config.data.get("extra_fields", ())))
+    fields = tuple(config.data.get("extra_fields", ()))
+    unknown = [f for f in fields if f not in ENCODER_KINDS]
+    if unknown:
+        raise UserError(f"--unified_config={config_spec} reads features {unknown} that the main "
+                        f"job cannot compute; it trains the encoders {', '.join(ENCODER_KINDS)}")
+    return fields
+
+
+def _encoder_kinds() -> tuple[str, ...]:
+    fields = unified_feature_fields(FLAGS.unified_config)
+    return tuple(k for k in ENCODER_KINDS if k in fields)
 
 
 def _needs_features() -> bool:
-    return unified_reads_features(FLAGS.unified_config)
+    return bool(_encoder_kinds())
+
+
+def _embedded_dataset() -> str:
+    """The dataset with the codes and the embeddings of exactly the encoders the model reads
+    (so a workdir can serve models that read different features)."""
+    return "_".join((EMBEDDED_DATASET, *_encoder_kinds()))
 
 
 def _unified_overrides(w: str) -> list[str]:
-    dataset = TRAIN_DATASET if _needs_features() else CODED_DATASET
+    dataset = _embedded_dataset() if _needs_features() else CODED_DATASET
     return [f"--config.data.data_dir={_data_dir(w)}", f"--config.data.dataset={dataset}",
             f"--config.data.config_name={FLAGS.data_config}",
             f"--config.data.tokenizer.model_path={_text_model(w)}",
@@ -200,6 +228,7 @@ STAGES: list[Stage] = [
         commands=lambda w: [_py("unif2ace_jax.data", "train_tokenizer", "--dataset=synthface",
                                 f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}",
                                 f"--vocab_size={FLAGS.text_vocab_size}", f"--out={_text_model(w)}")],
+        after=("data",),
     ),
     Stage(
         "judge",
@@ -211,18 +240,26 @@ STAGES: list[Stage] = [
                 "--split=test", f"> {os.path.join(w, 'judge_test.json')}"),
         ],
         summary=lambda w: {"judge_test": _json(os.path.join(w, "judge_test.json"))},
+        after=("data",),
     ),
     Stage(
         "tokenizer",
+        outputs=lambda w: [os.path.join(_tok_dir(w), "train_summary.json")],  # written last
+        commands=lambda w: [
+            # The tokenizer_eval stage measures the same test faces (and adds the judge).
+            _py("unif2ace_jax.train.tokenizer", "--config=configs/tokenizer_synthface_64.py",
+                f"--workdir={_tok_dir(w)}", "--config.train.eval_examples=0")],
+        after=("data",),
+    ),
+    Stage(
+        "tokenizer_eval",
         outputs=lambda w: [os.path.join(w, "tokenizer_eval.json")],
         commands=lambda w: [
-            _py("unif2ace_jax.train.tokenizer", "--config=configs/tokenizer_synthface_64.py",
-                f"--workdir={_tok_dir(w)}"),
             _py("unif2ace_jax.evaluate.tokenizer", f"--workdir={_tok_dir(w)}", "--split=test",
                 f"--judge_workdir={os.path.join(w, 'judge')}",
-                f"> {os.path.join(w, 'tokenizer_eval.json')}"),
-        ],
+                f"> {os.path.join(w, 'tokenizer_eval.json')}")],
         summary=lambda w: {"tokenizer_test": _json(os.path.join(w, "tokenizer_eval.json"))},
+        after=("tokenizer", "judge"),
     ),
     Stage(
         "pretokenize",
@@ -231,30 +268,34 @@ STAGES: list[Stage] = [
                                 f"--data_dir={_data_dir(w)}",
                                 f"--dataset=synthface/{FLAGS.data_config}",
                                 f"--out_data_dir={_data_dir(w)}", f"--name={CODED_DATASET}")],
+        after=("tokenizer",),
     ),
     Stage(
         "encoders",
-        outputs=lambda w: [os.path.join(_encoder_dir(w, k), "eval.json") for k in ENCODER_KINDS],
+        outputs=lambda w: [os.path.join(_encoder_dir(w, k), "eval.json")
+                           for k in _encoder_kinds()],
         commands=lambda w: [
             _py("unif2ace_jax.train.encoders", f"--kind={k}", f"--workdir={_encoder_dir(w, k)}",
                 f"--config.data.data_dir={_data_dir(w)}",
                 f"--config.data.config={FLAGS.data_config}",
                 f"--config.data.tokenizer.model_path={_text_model(w)}")
-            for k in ENCODER_KINDS],
+            for k in _encoder_kinds()],
         summary=lambda w: {f"encoder_{k}": _json(os.path.join(_encoder_dir(w, k), "eval.json"))
-                           for k in ENCODER_KINDS},
+                           for k in _encoder_kinds()},
         needed=_needs_features,
+        after=("data", "text_tokenizer"),
     ),
     Stage(
         "embeddings",
-        outputs=lambda w: [os.path.join(_data_dir(w), TRAIN_DATASET, FLAGS.data_config)],
+        outputs=lambda w: [os.path.join(_data_dir(w), _embedded_dataset(), FLAGS.data_config)],
         commands=lambda w: [_py(
             "unif2ace_jax.data.embeddings", f"--data_dir={_data_dir(w)}",
             f"--dataset={CODED_DATASET}/{FLAGS.data_config}",
-            "--encoders=" + ",".join(f"synthface_{k}" for k in ENCODER_KINDS),
-            "--encoder_workdirs=" + ",".join(_encoder_dir(w, k) for k in ENCODER_KINDS),
-            f"--out_data_dir={_data_dir(w)}", f"--name={TRAIN_DATASET}")],
+            "--encoders=" + ",".join(f"synthface_{k}" for k in _encoder_kinds()),
+            "--encoder_workdirs=" + ",".join(_encoder_dir(w, k) for k in _encoder_kinds()),
+            f"--out_data_dir={_data_dir(w)}", f"--name={_embedded_dataset()}")],
         needed=_needs_features,
+        after=("pretokenize", "encoders"),
     ),
     Stage(
         "unified",
@@ -266,6 +307,7 @@ STAGES: list[Stage] = [
                 f"> {os.path.join(w, 'unified_train.json')}"),
         ],
         summary=lambda w: {"unified_train": _json(os.path.join(w, "unified_train.json"))},
+        after=("text_tokenizer", "judge", "tokenizer", "pretokenize", "embeddings"),
     ),
     Stage(
         "generate",
@@ -275,6 +317,7 @@ STAGES: list[Stage] = [
                                 f"--out={os.path.join(w, 'samples.png')}")],
         summary=lambda w: {"samples": os.path.join(w, "samples.png"),
                            "sample_prompts": list(SAMPLE_PROMPTS)},
+        after=("unified",),
     ),
     Stage(
         "ask",
@@ -292,6 +335,7 @@ STAGES: list[Stage] = [
              f"> {os.path.join(w, 'answers.json')}"],
         ],
         summary=lambda w: {"answers": _json(os.path.join(w, "answers.json"))},
+        after=("data", "unified"),
     ),
     Stage(
         "evaluate",
@@ -304,12 +348,29 @@ STAGES: list[Stage] = [
             for s in EVAL_SPLITS],
         summary=lambda w: {f"eval_{s}": _brief_eval(_json(os.path.join(w, f"eval_{s}.json")))
                            for s in EVAL_SPLITS},
+        after=("judge", "unified"),
     ),
 ]
 
 
-def _run(command: list[str], log_prefix: str) -> None:
-    """Runs one stage command; a trailing `> FILE` argument sends its stdout to FILE too."""
+class _Stopped(Exception):
+    """A stage stopped because another one failed (not an error of its own)."""
+
+
+_children: set[subprocess.Popen] = set()
+_children_lock = threading.Lock()
+
+
+def _stop_children() -> None:
+    with _children_lock:
+        for proc in _children:
+            if proc.poll() is None:
+                proc.terminate()
+
+
+def _run(command: list[str], stage: str, abort: threading.Event) -> None:
+    """Runs one stage command; a trailing `> FILE` argument sends its stdout to FILE too
+    (written whole, only on success)."""
     out_path = None
     if command and command[-1].startswith("> "):
         out_path = command[-1][2:]
@@ -319,18 +380,43 @@ def _run(command: list[str], log_prefix: str) -> None:
         return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("JAX_PLATFORMS", "cpu")
-    if out_path is None:
-        proc = subprocess.run(command, env=env)
-    else:
-        proc = subprocess.run(command, env=env, stdout=subprocess.PIPE, text=True)
-        sys.stdout.write(proc.stdout)
-        if proc.returncode == 0:
-            tmp = out_path + ".tmp"
-            with open(tmp, "w") as f:
-                f.write(proc.stdout)
-            os.replace(tmp, out_path)
+    with _children_lock:
+        if abort.is_set():
+            raise _Stopped(stage)
+        proc = subprocess.Popen(command, env=env,
+                                stdout=None if out_path is None else subprocess.PIPE, text=True)
+        _children.add(proc)
+    try:
+        stdout, _ = proc.communicate()
+    finally:
+        with _children_lock:
+            _children.discard(proc)
     if proc.returncode != 0:
-        raise UserError(f"stage {log_prefix} failed (exit {proc.returncode}): {shlex.join(command)}")
+        if abort.is_set():
+            raise _Stopped(stage)
+        raise UserError(f"stage {stage} failed (exit {proc.returncode}): {shlex.join(command)}")
+    if out_path is not None:
+        sys.stdout.write(stdout)
+        tmp = out_path + ".tmp"
+        with open(tmp, "w") as f:
+            f.write(stdout)
+        os.replace(tmp, out_path)
+
+
+def _run_stage(stage: Stage, workdir: str, force: bool, abort: threading.Event) -> None:
+    if not stage.needed():
+        print(f"== {stage.name}: not needed (the unified config reads no expert features)",
+              flush=True)
+        return
+    outputs = stage.outputs(workdir)
+    if all(os.path.exists(p) for p in outputs) and not force:
+        print(f"== {stage.name}: done already ({', '.join(outputs)}); skipping", flush=True)
+        return
+    print(f"== {stage.name}", flush=True)
+    t0 = time.time()
+    for command in stage.commands(workdir):
+        _run(command, stage.name, abort)
+    print(f"== {stage.name}: finished in {time.time() - t0:.0f}s", flush=True)
 
 
 def main(argv: list[str]) -> None:
@@ -356,28 +442,18 @@ def main(argv: list[str]) -> None:
         if name not in names:
             raise UserError(f"unknown stage {name!r}; stages: {', '.join(names)}")
     _needs_features()  # a bad --unified_config fails here, before any stage runs
-    summary: dict = {}
+    if FLAGS.jobs < 1:
+        raise UserError(f"--jobs must be at least 1, got {FLAGS.jobs}")
+    by_name = {s.name: s for s in STAGES}
     start = time.time()
-    for stage in STAGES:
-        if stage.name not in wanted:
-            continue
-        if not stage.needed():
-            print(f"== {stage.name}: not needed (the unified config reads no expert features)",
-                  flush=True)
-            continue
-        done = all(os.path.exists(p) for p in stage.outputs(workdir))
-        if done and stage.name not in force:
-            print(f"== {stage.name}: done already ({', '.join(stage.outputs(workdir))}); skipping",
-                  flush=True)
-        else:
-            print(f"== {stage.name}", flush=True)
-            t0 = time.time()
-            for command in stage.commands(workdir):
-                _run(command, stage.name)
-            print(f"== {stage.name}: finished in {time.time() - t0:.0f}s", flush=True)
-        if not FLAGS.dry_run:
-            summary.update(stage.summary(workdir))
+    run_graph([n for n in names if n in wanted], {s.name: s.after for s in STAGES},
+              lambda name, abort: _run_stage(by_name[name], workdir, name in force, abort),
+              jobs=1 if FLAGS.dry_run else FLAGS.jobs, on_abort=_stop_children)
     if not FLAGS.dry_run:
+        summary: dict = {}
+        for stage in STAGES:
+            if stage.name in wanted and stage.needed():
+                summary.update(stage.summary(workdir))
         summary["wall_seconds"] = round(time.time() - start, 1)
         path = os.path.join(workdir, "summary.json")
         with open(path + ".tmp", "w") as f:

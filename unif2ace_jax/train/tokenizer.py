@@ -12,11 +12,14 @@ Data parallel over the mesh of `config.mesh` (parameters laid out by the logical
 data-iterator position: a restarted run continues exactly), reconstruction grids
 ``DIR/images/recon_STEP.png`` (pairs input | reconstruction), and the exported tokenizer
 (``DIR/tokenizer_params.msgpack`` + ``tokenizer_config.json``, read by
-`unif2ace_jax.models.tokenizer.pretrained.load_tokenizer`) at every checkpoint and at the end.
+`unif2ace_jax.models.tokenizer.pretrained.load_tokenizer`) at every checkpoint and at the end;
+``DIR/train_summary.json`` (final step, train seconds, end-of-training evaluation) once training
+has completed.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from typing import Any, NamedTuple
@@ -44,6 +47,8 @@ from unif2ace_jax.train import loop
 from unif2ace_jax.train.optim import make_optimizer
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
 from unif2ace_jax.utils.image_grid import save_image_grid
+
+TRAIN_SUMMARY = "train_summary.json"  # written once training has completed
 
 
 class Parts(NamedTuple):
@@ -329,6 +334,11 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
               f"{result['code_usage']:.3f}, perplexity {result['code_perplexity']:.1f} "
               f"({result['num_images']} faces)", flush=True)
     logger.log(step, record, print_line=False)
+    if jax.process_index() == 0:  # written last: its presence says training completed
+        path = os.path.join(workdir, TRAIN_SUMMARY)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"step": step, **record}, f)
+        os.replace(path + ".tmp", path)
     print(f"[tokenizer] trained {step - first_step} steps in {format_duration(train_seconds)}; "
           f"tokenizer exported to {workdir}", flush=True)
     return record
