@@ -122,7 +122,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = opts["tiny"]
     config = ml_collections.ConfigDict()
     config.seed = 0
-    config.total_steps = 1700
+    config.total_steps = 1500
     config.log_every = 25
     config.ckpt_every = 100
     config.keep_checkpoints = 2
@@ -141,7 +141,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # Up to 4 QA pairs of one image per MMU row (distinct attributes; evaluation asks one): four
     # answers for the compute of one row.
     config.data.mmu_questions_per_row = 4
-    # At 1700 steps about 30 000 T2I and 23 000 MMU rows. VQA needs about that many MMU rows
+    # At 1500 steps about 26 500 T2I and 20 500 MMU rows. VQA needs about that many MMU rows
     # (every one teaches up to 4 answers); binding caption words to image places needs every
     # T2I row it can get (README: 1.6:1 lowered VQA without raising generation).
     config.data.mixture = ml_collections.ConfigDict({"t2i": 1.3, "mmu": 1.0, "lm": 0.05})

@@ -358,14 +358,21 @@ class _Stopped(Exception):
 
 
 _children: set[subprocess.Popen] = set()
-_children_lock = threading.Lock()
+_lock = threading.Lock()  # guards _children and whole-line writes to stdout
 
 
 def _stop_children() -> None:
-    with _children_lock:
+    with _lock:
         for proc in _children:
             if proc.poll() is None:
                 proc.terminate()
+
+
+def _say(line: str) -> None:
+    """One whole line to stdout (stages run on several threads; `print` may split a line)."""
+    with _lock:
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
 
 def _run(command: list[str], stage: str, abort: threading.Event) -> None:
@@ -375,12 +382,12 @@ def _run(command: list[str], stage: str, abort: threading.Event) -> None:
     if command and command[-1].startswith("> "):
         out_path = command[-1][2:]
         command = command[:-1]
-    print(f"$ {shlex.join(command)}" + (f" > {out_path}" if out_path else ""), flush=True)
+    _say(f"$ {shlex.join(command)}" + (f" > {out_path}" if out_path else ""))
     if FLAGS.dry_run:
         return
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     env.setdefault("JAX_PLATFORMS", "cpu")
-    with _children_lock:
+    with _lock:
         if abort.is_set():
             raise _Stopped(stage)
         proc = subprocess.Popen(command, env=env,
@@ -389,14 +396,16 @@ def _run(command: list[str], stage: str, abort: threading.Event) -> None:
     try:
         stdout, _ = proc.communicate()
     finally:
-        with _children_lock:
+        with _lock:
             _children.discard(proc)
     if proc.returncode != 0:
         if abort.is_set():
             raise _Stopped(stage)
         raise UserError(f"stage {stage} failed (exit {proc.returncode}): {shlex.join(command)}")
     if out_path is not None:
-        sys.stdout.write(stdout)
+        with _lock:
+            sys.stdout.write(stdout)
+            sys.stdout.flush()
         tmp = out_path + ".tmp"
         with open(tmp, "w") as f:
             f.write(stdout)
@@ -405,18 +414,17 @@ def _run(command: list[str], stage: str, abort: threading.Event) -> None:
 
 def _run_stage(stage: Stage, workdir: str, force: bool, abort: threading.Event) -> None:
     if not stage.needed():
-        print(f"== {stage.name}: not needed (the unified config reads no expert features)",
-              flush=True)
+        _say(f"== {stage.name}: not needed (the unified config reads no expert features)")
         return
     outputs = stage.outputs(workdir)
     if all(os.path.exists(p) for p in outputs) and not force:
-        print(f"== {stage.name}: done already ({', '.join(outputs)}); skipping", flush=True)
+        _say(f"== {stage.name}: done already ({', '.join(outputs)}); skipping")
         return
-    print(f"== {stage.name}", flush=True)
+    _say(f"== {stage.name}")
     t0 = time.time()
     for command in stage.commands(workdir):
         _run(command, stage.name, abort)
-    print(f"== {stage.name}: finished in {time.time() - t0:.0f}s", flush=True)
+    _say(f"== {stage.name}: finished in {time.time() - t0:.0f}s")
 
 
 def main(argv: list[str]) -> None:
