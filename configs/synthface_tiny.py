@@ -163,7 +163,10 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         remat_policy="none", scan_layers=True, group_assignment="task", position_mode="valid",
         # A learned row per image place: without it a fully masked canvas is 64 identical
         # [MASK] inputs and the caption's words (but the background) go unused (README).
-        image_code_embedding="table", image_position_embedding=True))
+        image_position_embedding=True,
+        # Each code's 10 LFQ bits in its input embedding and in its logit: NELBO 1.37-1.39
+        # against 1.54, generation 0.507 against 0.48 (mean of 3 seeds, README).
+        image_code_embedding="table+bits", image_code_logits="table+bits"))
 
     config.loss = ml_collections.ConfigDict(dict(
         w_t2i=1.0, w_mmu=1.0, w_lm=0.1, alpha=0.01, mask_weight=1.0, schedule="cosine",

@@ -18,7 +18,8 @@ def _stages_run(stdout: str) -> list[str]:
 
 
 def test_dry_run_lists_every_stage_in_order(tmp_path):
-    proc = _main(f"--workdir={tmp_path}", "--dry_run", "--unified_override=total_steps=7")
+    proc = _main(f"--workdir={tmp_path}", "--dry_run", "--unified_override=total_steps=7",
+                 "--eval_generate_heldout=40")
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert _stages_run(proc.stdout) == ["data", "text_tokenizer", "judge", "tokenizer",
                                         "tokenizer_eval", "pretokenize", "encoders",
@@ -28,8 +29,11 @@ def test_dry_run_lists_every_stage_in_order(tmp_path):
     assert len(train) == 1 and "--config.total_steps=7" in train[0]
     assert f"--config.data.data_dir={tmp_path}/data" in train[0]
     assert "--config.data.dataset=synthface_codes_emb_face_clip " in train[0]
-    assert any("-m unif2ace_jax.evaluate " in c and "--split=test_heldout_combos" in c
-               for c in commands)
+    evaluate = {c.split("--split=")[1].split()[0]: c for c in commands
+                if "-m unif2ace_jax.evaluate " in c}
+    assert sorted(evaluate) == ["test", "test_heldout_combos"]
+    assert "--num_generate=1000 " in evaluate["test"]  # every SynthFace test caption
+    assert "--num_generate=40 " in evaluate["test_heldout_combos"]
     assert not os.path.exists(tmp_path / "summary.json")  # a dry run writes nothing
 
 

@@ -189,3 +189,39 @@ def test_moe_aux_losses_are_added():
              + cfg.w_lm * metrics["lm_loss"])
     assert float(metrics["aux_loss"]) > 0
     assert float(loss) == pytest.approx(float(parts + metrics["aux_loss"]), rel=1e-5)
+
+
+def test_bit_logits_add_a_term_linear_in_each_codes_lfq_bits():
+    """``image_code_logits=table+bits``: logit of code c = table logit + h · (U · bits(c)),
+    bits(c) the ±1 big-endian LFQ bits; with U = 0 it is the plain model's logits exactly."""
+    import flax.linen as nn
+
+    from unif2ace_jax.errors import UserError
+
+    model = _model(image_code_logits="table+bits")
+    params = nn.unbox(jax.jit(lambda k: model.init(k))(jax.random.key(0))["params"])
+    u = np.asarray(params["code_bits_head"]["kernel"])  # [D, log2 K]
+    assert u.shape == (16, 3)
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.normal(size=(2, 7, 16)), jnp.float32)
+    positions = jnp.asarray([[0, 2, 4, 6], [1, 3, 5, 6]], jnp.int32)
+    got = np.asarray(model.image_logits(params, hidden, positions))
+
+    h = np.asarray(hidden)[np.arange(2)[:, None], np.asarray(positions)]  # [B, N, D]
+    lo = model.vocab.image_offset
+    kernel = np.asarray(params["lm_head"]["kernel"])[:, lo:lo + K]
+    bias = np.asarray(params["lm_head"]["bias"])[lo:lo + K]
+    want = np.zeros((2, N, K))
+    for c in range(K):
+        bits = np.array([1.0 if (c >> (2 - j)) & 1 else -1.0 for j in range(3)])
+        want[..., c] = h @ kernel[:, c] + bias[c] + h @ (u @ bits)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    plain = _model()
+    zeroed = dict(params, code_bits_head={"kernel": jnp.zeros_like(u)})
+    no_head = {k: v for k, v in params.items() if k != "code_bits_head"}
+    np.testing.assert_allclose(np.asarray(model.image_logits(zeroed, hidden, positions)),
+                               np.asarray(plain.image_logits(no_head, hidden, positions)),
+                               rtol=1e-6, atol=1e-6)
+    with pytest.raises(UserError, match="image_code_logits"):
+        _model(image_code_logits="bits")

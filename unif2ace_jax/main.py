@@ -61,7 +61,10 @@ flags.DEFINE_string("unified_config", "configs/synthface_tiny.py:moe=seq",
                     "stages are skipped.")
 flags.DEFINE_multi_string("unified_override", [],
                           "Extra unified-model config overrides, e.g. total_steps=600 (repeatable).")
-flags.DEFINE_integer("eval_generate", 300, "evaluate: faces generated from captions per split.")
+flags.DEFINE_integer("eval_generate", 1000, "evaluate: faces generated from test captions "
+                     "(1000 = all of SynthFace test).")
+flags.DEFINE_integer("eval_generate_heldout", 300,
+                     "evaluate: faces generated from test_heldout_combos captions.")
 flags.DEFINE_integer("eval_questions", 2000, "evaluate: questions answered per split.")
 flags.DEFINE_bool("collect_answers", False, "Internal: print the ask stage's answers as JSON.")
 flags.DEFINE_bool("last_metrics", False, "Internal: print the last record of WORKDIR/metrics.jsonl.")
@@ -124,6 +127,10 @@ CODED_DATASET = "synthface_codes"  # + image codes
 EMBEDDED_DATASET = "synthface_codes_emb"  # + the expert encoders' embeddings: "<this>_<kinds>"
 ENCODER_KINDS = ("face", "clip")  # the feature fields the job can compute (encoders stage)
 EVAL_SPLITS = ("test", "test_heldout_combos")
+
+
+def _eval_faces(split: str) -> int:
+    return FLAGS.eval_generate if split == "test" else FLAGS.eval_generate_heldout
 # In SynthFace's vocabulary (data/synthface/attributes.py), phrased like its captions.
 SAMPLE_PROMPTS = (
     "This person has red hair and green eyes. They wear a beanie and circular glasses.",
@@ -343,7 +350,7 @@ STAGES: list[Stage] = [
         commands=lambda w: [
             _py("unif2ace_jax.evaluate", f"--workdir={_unified_dir(w)}", f"--split={s}",
                 f"--judge_workdir={os.path.join(w, 'judge')}",
-                f"--num_generate={FLAGS.eval_generate}", f"--max_questions={FLAGS.eval_questions}",
+                f"--num_generate={_eval_faces(s)}", f"--max_questions={FLAGS.eval_questions}",
                 f"> {os.path.join(w, f'eval_{s}.json')}")
             for s in EVAL_SPLITS],
         summary=lambda w: {f"eval_{s}": _brief_eval(_json(os.path.join(w, f"eval_{s}.json")))

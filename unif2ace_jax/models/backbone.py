@@ -30,6 +30,11 @@ code c's ±1 LFQ bit vector (`models.tokenizer.lfq.indices_to_codes`, log2 K bit
 share bits share part of their embedding from the first step, which a small model trained from
 scratch on few images learns from much faster; ``table`` keeps the layout of converted weights.
 
+Image-code logits (``config.model.image_code_logits``, [ours]): ``table`` (the LM head's rows of
+the K codes) or ``table+bits``: those logits plus ``(h · U) · bits(c)`` with a learned
+``U: [d_model, log2 K]`` (``code_bits_head``), so every LFQ bit of the predicted code gets its own
+linear score, shared by all codes with that bit (`UnifiedModel.image_logits` adds the term).
+
 Image-position embedding (``config.model.image_position_embedding``, [ours], off by default so
 converted Show-o / Phi weights keep their layout): a learned row per place ``0 … N-1`` of the
 image, added to the embedding of every image token (code or ``[MASK]``), place = the token's
@@ -65,6 +70,7 @@ from unif2ace_jax.registry import Registry
 ACTIVATION_AXES = ("batch", "length", "act_embed")
 BLOCK_STYLES = ("parallel", "sequential")
 IMAGE_CODE_EMBEDDINGS = ("table", "table+bits")
+IMAGE_CODE_LOGITS = ("table", "table+bits")
 
 SEQ_MOE_SLOTS: Registry = Registry("seq_moe")
 # Cache entries of the seq-MoE router's pooled input (see `Backbone.init_cache`).
@@ -185,6 +191,7 @@ class Backbone(nn.Module):
     remat_policy: str = "none"
     scan_layers: bool = True
     image_code_embedding: str = "table"  # table | table+bits
+    image_code_logits: str = "table"  # table | table+bits
     image_offset: int = 0  # id of image code 0 (read with "table+bits")
     num_image_codes: int = 0  # K, a power of two (read with "table+bits")
     image_position_embedding: bool = False
@@ -212,6 +219,12 @@ class Backbone(nn.Module):
             self.embed_code_bits = nn.Dense(
                 self.d_model, use_bias=False, kernel_init=nn.with_logical_partitioning(
                     nn.initializers.normal(self.init_std), (None, "embed")), **kw)
+        if self.image_code_logits == "table+bits":
+            # Read by `UnifiedModel.image_logits`: a logit term linear in each code's LFQ bits.
+            self.code_bits_head = nn.Dense(
+                self.num_image_codes.bit_length() - 1, use_bias=False,
+                kernel_init=nn.with_logical_partitioning(
+                    nn.initializers.normal(self.init_std), ("embed", None)), **kw)
         block_kwargs = dict(
             d_model=self.d_model, num_heads=self.num_heads,
             rotary_dim=rotary_dim_for(self.head_dim, self.rotary_fraction), ffn=self.ffn,
@@ -290,6 +303,8 @@ class Backbone(nn.Module):
         """
         hidden, _ = self._trunk(tokens, None, mask, positions, group, valid, None, features,
                                 deterministic)
+        if self.image_code_logits == "table+bits" and self.is_initializing():
+            self.code_bits_head(hidden)  # creates its params; the term is added by the caller
         return hidden if return_hidden else self.logits(hidden)
 
     def decode(self, tokens: jax.Array, *, cache: dict, cache_index: jax.Array,
@@ -364,7 +379,7 @@ def default_model_config() -> ml_collections.ConfigDict:
         dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True, group_assignment="task",
         position_mode="valid", seq_moe=dict(name="none"), image_code_embedding="table",
-        image_position_embedding=False))
+        image_code_logits="table", image_position_embedding=False))
 
 
 def image_token_index(tokens: jax.Array, image_offset: int, num_image_codes: int
@@ -404,6 +419,13 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
     if code_embedding == "table+bits" and (k < 2 or k & (k - 1)):
         raise UserError(f"model.image_code_embedding='table+bits' needs a power-of-two number "
                         f"of image codes (an LFQ codebook), got {k}")
+    code_logits = c.get("image_code_logits", "table")
+    if code_logits not in IMAGE_CODE_LOGITS:
+        raise UserError(f"unknown model.image_code_logits {code_logits!r}; known: "
+                        f"{', '.join(IMAGE_CODE_LOGITS)}")
+    if code_logits == "table+bits" and (k < 2 or k & (k - 1)):
+        raise UserError(f"model.image_code_logits='table+bits' needs a power-of-two number "
+                        f"of image codes (an LFQ codebook), got {k}")
     seq_moe = c.get("seq_moe", None) or ml_collections.ConfigDict({"name": "none"})
     FFN_SLOTS.get(c.ffn.name)
     SEQ_MOE_SLOTS.get(seq_moe.name)
@@ -415,6 +437,7 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
         init_std=c.get("init_std", 0.02), dtype=_dtype(c.get("dtype", "float32")),
         param_dtype=_dtype(c.get("param_dtype", "float32")),
         remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True),
-        image_code_embedding=code_embedding, image_offset=vocab.image_offset,
+        image_code_embedding=code_embedding, image_code_logits=code_logits,
+        image_offset=vocab.image_offset,
         num_image_codes=k, image_position_embedding=image_positions,
         num_image_tokens=int(num_image_tokens))

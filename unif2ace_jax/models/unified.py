@@ -30,6 +30,7 @@ import numpy as np
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.backbone import Backbone, build_backbone
 from unif2ace_jax.models.masks import omni_attention_mask
+from unif2ace_jax.models.tokenizer.lfq import indices_to_codes
 from unif2ace_jax.models.sequences import (GROUP_ASSIGNMENTS, POSITION_MODES, TASK_T2I,
                                            build_sequences, sequence_length)
 from unif2ace_jax.models.vocab import Vocab
@@ -166,6 +167,11 @@ class UnifiedModel:
         kernel = jax.lax.slice_in_dim(head["kernel"], lo, lo + k, axis=1).astype(dtype)
         bias = jax.lax.slice_in_dim(head["bias"], lo, lo + k, axis=0).astype(dtype)
         out = jnp.einsum("bnd,dk->bnk", h.astype(dtype), kernel) + bias
+        if self.backbone.image_code_logits == "table+bits":
+            bits = indices_to_codes(jnp.arange(k), k.bit_length() - 1, dtype)  # [K, log2 K]
+            per_bit = jnp.einsum("bnd,dc->bnc", h.astype(dtype),
+                                 params["code_bits_head"]["kernel"].astype(dtype))
+            out = out + jnp.einsum("bnc,kc->bnk", per_bit, bits)
         return out.astype(jnp.float32)
 
     def code_logits_fn(self, params: Any, prompt: Mapping[str, jax.Array],
