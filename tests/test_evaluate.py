@@ -72,14 +72,18 @@ def test_evaluate_reports_every_metric():
 
 @pytest.mark.slow
 def test_nelbo_of_a_uniform_predictor_is_log2_k():
-    """Zero lm-head: every code has logit 0, the ``free`` score is exactly r/K per code, and the
+    """Zero code heads: every code has logit 0, the ``free`` score is exactly r/K per code, and the
     expected NELBO per token is log2 K (DESIGN §6) — the estimate must land near it."""
     from unif2ace_jax.evaluate.unified import nelbo
     from unif2ace_jax.train.state import load_trained
 
     trained = load_trained(unified_env.trained_run())
     params = dict(trained.params)
-    params["lm_head"] = jax.tree.map(jnp.zeros_like, params["lm_head"])
+    # Code logits = the lm head's code rows (+ the per-bit head with image_code_logits=
+    # table+bits): all zero -> every code has logit 0.
+    for head in ("lm_head", "code_bits_head"):
+        if head in params:
+            params[head] = jax.tree.map(jnp.zeros_like, params[head])
     trained.params = params
     result = nelbo(trained, "test", samples=60, batch_size=8)
     k = unified_env.build_env()["num_codes"]
