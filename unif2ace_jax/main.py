@@ -71,6 +71,11 @@ flags.DEFINE_bool("last_metrics", False, "Internal: print the last record of WOR
 FLAGS = flags.FLAGS
 
 
+def _eval_faces(split: str) -> int:
+    """Faces the evaluate stage generates for `split` (all of test by default)."""
+    return FLAGS.eval_generate if split == "test" else FLAGS.eval_generate_heldout
+
+
 @dataclasses.dataclass(frozen=True)
 class Stage:
     name: str
@@ -127,10 +132,6 @@ CODED_DATASET = "synthface_codes"  # + image codes
 EMBEDDED_DATASET = "synthface_codes_emb"  # + the expert encoders' embeddings: "<this>_<kinds>"
 ENCODER_KINDS = ("face", "clip")  # the feature fields the job can compute (encoders stage)
 EVAL_SPLITS = ("test", "test_heldout_combos")
-
-
-def _eval_faces(split: str) -> int:
-    return FLAGS.eval_generate if split == "test" else FLAGS.eval_generate_heldout
 # In SynthFace's vocabulary (data/synthface/attributes.py), phrased like its captions.
 SAMPLE_PROMPTS = (
     "This person has red hair and green eyes. They wear a beanie and circular glasses.",

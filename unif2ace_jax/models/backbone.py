@@ -69,8 +69,7 @@ from unif2ace_jax.registry import Registry
 # Logical axes of [B, L, D] activations (names of unif2ace_jax/parallel/rules.py).
 ACTIVATION_AXES = ("batch", "length", "act_embed")
 BLOCK_STYLES = ("parallel", "sequential")
-IMAGE_CODE_EMBEDDINGS = ("table", "table+bits")
-IMAGE_CODE_LOGITS = ("table", "table+bits")
+IMAGE_CODE_OPTIONS = ("table", "table+bits")  # model.image_code_embedding / image_code_logits
 
 SEQ_MOE_SLOTS: Registry = Registry("seq_moe")
 # Cache entries of the seq-MoE router's pooled input (see `Backbone.init_cache`).
@@ -392,6 +391,17 @@ def image_token_index(tokens: jax.Array, image_offset: int, num_image_codes: int
     return is_image, jnp.where(is_image, place, 0)
 
 
+def _image_code_option(c: ml_collections.ConfigDict, key: str, num_codes: int) -> str:
+    """``model.<key>`` ("table" | "table+bits"), checked: bits need a power-of-two codebook."""
+    value = c.get(key, "table")
+    if value not in IMAGE_CODE_OPTIONS:
+        raise UserError(f"unknown model.{key} {value!r}; known: {', '.join(IMAGE_CODE_OPTIONS)}")
+    if value == "table+bits" and (num_codes < 2 or num_codes & (num_codes - 1)):
+        raise UserError(f"model.{key}='table+bits' needs a power-of-two number of image codes "
+                        f"(an LFQ codebook), got {num_codes}")
+    return value
+
+
 def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
                    num_image_tokens: int = 0) -> Backbone:
     """Builds the backbone from ``config.model``; the vocabulary size comes from `vocab`, N (the
@@ -411,21 +421,9 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
     if style not in BLOCK_STYLES:
         raise UserError(f"unknown block_style {style!r}; known: {', '.join(BLOCK_STYLES)}")
     remat_policy(c.get("remat_policy", "none"))  # validates the name early
-    code_embedding = c.get("image_code_embedding", "table")
-    if code_embedding not in IMAGE_CODE_EMBEDDINGS:
-        raise UserError(f"unknown model.image_code_embedding {code_embedding!r}; known: "
-                        f"{', '.join(IMAGE_CODE_EMBEDDINGS)}")
     k = vocab.num_image_codes
-    if code_embedding == "table+bits" and (k < 2 or k & (k - 1)):
-        raise UserError(f"model.image_code_embedding='table+bits' needs a power-of-two number "
-                        f"of image codes (an LFQ codebook), got {k}")
-    code_logits = c.get("image_code_logits", "table")
-    if code_logits not in IMAGE_CODE_LOGITS:
-        raise UserError(f"unknown model.image_code_logits {code_logits!r}; known: "
-                        f"{', '.join(IMAGE_CODE_LOGITS)}")
-    if code_logits == "table+bits" and (k < 2 or k & (k - 1)):
-        raise UserError(f"model.image_code_logits='table+bits' needs a power-of-two number "
-                        f"of image codes (an LFQ codebook), got {k}")
+    code_embedding, code_logits = (_image_code_option(c, key, k)
+                                   for key in ("image_code_embedding", "image_code_logits"))
     seq_moe = c.get("seq_moe", None) or ml_collections.ConfigDict({"name": "none"})
     FFN_SLOTS.get(c.ffn.name)
     SEQ_MOE_SLOTS.get(seq_moe.name)
