@@ -9,14 +9,14 @@ import numpy as np
 import pytest
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.diffusion import SCHEDULES
 from unif2ace_jax.losses import (
-    SCHEDULES,
     d3diff_loss,
     log_scores,
     score_entropy,
     score_entropy_per_sequence,
 )
-from unif2ace_jax.sampling.masking import mask_independent
+from unif2ace_jax.diffusion.masking import mask_independent
 
 PARAMS = ("free", "normalized")
 

@@ -75,7 +75,7 @@ def test_nelbo_of_a_uniform_predictor_is_log2_k():
     """Zero code heads: every code has logit 0, the ``free`` score is exactly r/K per code, and the
     expected NELBO per token is log2 K (DESIGN §6) — the estimate must land near it."""
     from unif2ace_jax.evaluate.unified import nelbo
-    from unif2ace_jax.train.state import load_trained
+    from unif2ace_jax.checkpoint.trained import load_trained
 
     trained = load_trained(unified_env.trained_run())
     params = dict(trained.params)

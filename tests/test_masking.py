@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.sampling.masking import mask_exact_count, mask_image_codes, mask_independent
+from unif2ace_jax.diffusion.masking import mask_exact_count, mask_image_codes, mask_independent
 
 MASK_ID = 99
 

@@ -1,6 +1,6 @@
 """Inference with a sequence-level MoE: features in evaluate, T2I sampling and `ask`.
 
-* LM rows never see the records' image features (`objective.record_features`);
+* LM rows never see the records' image features (`losses.unified.record_features`);
 * every T2I sampler step feeds the noise expert the row's true mask ratio, and a caption alone
   (no image) gets absent clip / face features;
 * `evaluate` passes the records' features to VQA decoding and the NELBO (slow);
@@ -24,7 +24,7 @@ from unif2ace_jax.models.backbone import default_model_config
 from unif2ace_jax.models.sequences import TASK_LM, TASK_MMU, TASK_T2I
 from unif2ace_jax.models.unified import UnifiedModel, build_model, masked_fraction
 from unif2ace_jax.sampling.t2i import absent_features, sample_codes
-from unif2ace_jax.train.objective import record_features
+from unif2ace_jax.losses.unified import record_features
 
 K, GRID, TEXT, FDIM = 12, 3, 40, 8
 
@@ -233,7 +233,7 @@ def test_ask_features_on_the_fly_equal_the_records(tmp_path):
     from unif2ace_jax.data import records
     from unif2ace_jax.data.pipeline import open_split
     from unif2ace_jax.sampling.vqa import answer_questions
-    from unif2ace_jax.train.state import feature_encoder_specs, load_trained
+    from unif2ace_jax.checkpoint.trained import feature_encoder_specs, load_trained
 
     trained = load_trained(_embedded_run())
     specs = feature_encoder_specs(trained.config, trained.info, strict=True)

@@ -91,7 +91,7 @@ def test_cli_trains_moe_both_and_aux_losses_reach_the_objective():
 
 @pytest.mark.slow
 def test_routing_diagnostics_of_a_trained_moe_run(tmp_path):
-    from unif2ace_jax.train.state import load_trained
+    from unif2ace_jax.checkpoint.trained import load_trained
 
     trained = load_trained(moe_both_run())
     assert routing.has_moe(trained.model)

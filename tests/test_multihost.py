@@ -146,7 +146,7 @@ def test_two_processes_match_one_process(tmp_path):
     np.testing.assert_allclose([v for _, v in got_losses], [v for _, v in ref_losses],
                                rtol=2e-5, atol=1e-6)
 
-    from unif2ace_jax.train.state import load_trained
+    from unif2ace_jax.checkpoint.trained import load_trained
 
     ref_run, got_run = load_trained(one), load_trained(two)
     assert ref_run.step == got_run.step == STEPS

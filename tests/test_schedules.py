@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.losses import SCHEDULES
-from unif2ace_jax.losses.schedules import LOGLINEAR_EPS, get_schedule
+from unif2ace_jax.diffusion import SCHEDULES
+from unif2ace_jax.diffusion.schedules import LOGLINEAR_EPS, get_schedule
 
 NAMES = list(SCHEDULES)
 TAU = np.linspace(0.02, 0.98, 25)

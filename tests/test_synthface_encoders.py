@@ -148,7 +148,7 @@ def _fixed_batch_losses(kind, steps=12):
     from unif2ace_jax.models.encoders.synthface_face import make_face_model
     from unif2ace_jax.train import encoders as enc_train
     from unif2ace_jax.train import loop
-    from unif2ace_jax.train.optim import make_optimizer
+    from unif2ace_jax.optim import make_optimizer
 
     config = _tiny_config()
     section = config[kind]

@@ -12,7 +12,7 @@ import pytest
 import unified_env
 from unif2ace_jax.checkpoint.manager import Checkpointer
 from unif2ace_jax.train.progress import read_metrics
-from unif2ace_jax.train.state import RUN_FILE, load_trained
+from unif2ace_jax.checkpoint.trained import RUN_FILE, load_trained
 from unif2ace_jax.train.train import train
 
 

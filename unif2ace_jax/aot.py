@@ -192,8 +192,8 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
     from unif2ace_jax.models.unified import build_model, train_sequence_length
     from unif2ace_jax.parallel import mesh as mesh_lib
     from unif2ace_jax.parallel import rules as rules_lib
-    from unif2ace_jax.train import state as state_lib
-    from unif2ace_jax.train.optim import make_optimizer
+    from unif2ace_jax.checkpoint import state as state_lib
+    from unif2ace_jax.optim import make_optimizer
     from unif2ace_jax.train.train import (batch_shard_count, image_code_geometry,
                                           make_train_step, sharding_context)
 
@@ -250,7 +250,7 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
 
 def _batch_shapes(model, config, batch: int, lt: int, la: int,
                   extra_fields: tuple[str, ...]) -> dict:
-    """``name -> (shape, dtype)`` of a global training batch (`objective.model_inputs` keys)."""
+    """``name -> (shape, dtype)`` of a global training batch (`losses.unified.model_inputs` keys)."""
     import numpy as np
 
     shapes = {"task": ((batch,), np.int32), "text": ((batch, lt), np.int32),
@@ -283,7 +283,7 @@ def _init_features(batch_shapes: dict) -> dict:
 
     from unif2ace_jax.models.unified import default_features
 
-    from unif2ace_jax.train.objective import MODEL_KEYS
+    from unif2ace_jax.losses.unified import MODEL_KEYS
 
     skip = MODEL_KEYS
     extra = {n: np.zeros((1,) + tuple(shape[1:]), dtype)

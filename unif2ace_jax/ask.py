@@ -5,7 +5,7 @@
 The image is center-cropped and resized to the image tokenizer's resolution, encoded to codes,
 and the answer is decoded greedily with a KV cache. A model with a sequence-level MoE gets its
 image features (clip, face) computed on the fly by the frozen encoders the run names
-(`train.state.feature_encoder_specs`). ``--question`` may be repeated (one answer
+(`checkpoint.trained.feature_encoder_specs`). ``--question`` may be repeated (one answer
 line each). Bad input (missing workdir or checkpoint, unreadable image, empty question) prints
 one ``error:`` line and exits with status 2.
 """
@@ -53,7 +53,7 @@ def main(argv: list[str]) -> None:
 
     read_image(FLAGS.image)  # fail on a bad image before loading the model
 
-    from unif2ace_jax.train.state import load_trained
+    from unif2ace_jax.checkpoint.trained import load_trained
 
     answers = ask(load_trained(FLAGS.workdir), FLAGS.image, questions,
                   max_new_tokens=FLAGS.max_tokens)
@@ -85,7 +85,7 @@ def image_inputs(trained, path: str) -> tuple:
 def ask(trained, image_path: str, questions: list[str], *,
         max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers to `questions` about one image file; `trained` is a
-    `train.state.Trained`."""
+    `checkpoint.trained.Trained`."""
     import numpy as np
 
     from unif2ace_jax.sampling.vqa import answer_questions

@@ -6,7 +6,7 @@
 
 ``--prompt`` may be repeated: one grid row per prompt, ``--num`` faces each. Unset options come
 from the run's ``config.sampling``. Everything else (model, checkpoint, text and image
-tokenizers) is read from ``DIR`` (see `train.state.load_trained`). Bad input prints one
+tokenizers) is read from ``DIR`` (see `checkpoint.trained.load_trained`). Bad input prints one
 ``error:`` line and exits with status 2.
 """
 
@@ -51,7 +51,7 @@ def main(argv: list[str]) -> None:
         raise UserError(f"directory of --out does not exist: {parent}")
 
     from unif2ace_jax.sampling.t2i import generate_images
-    from unif2ace_jax.train.state import load_trained
+    from unif2ace_jax.checkpoint.trained import load_trained
     from unif2ace_jax.utils.image_grid import save_image_grid
 
     trained = load_trained(FLAGS.workdir)

@@ -180,11 +180,11 @@ def collect_routing(model: UnifiedModel, params: Any, batches: Iterable[Mapping[
                     extra_fields: tuple[str, ...] = ()) -> dict[str, Any]:
     """Routing statistics over raw batches (`data.pipeline` contract) of any tasks.
 
-    T2I rows get their codes masked as in training (`objective.prepare_inputs`, no caption
+    T2I rows get their codes masked as in training (`losses.unified.prepare_inputs`, no caption
     dropout), so the gen group is seen at the noise levels it is trained on.
     """
     from unif2ace_jax.models.sequences import TASK_T2I
-    from unif2ace_jax.train.objective import model_inputs, prepare_inputs
+    from unif2ace_jax.losses.unified import model_inputs, prepare_inputs
 
     @jax.jit
     def run(params, batch, rng):

@@ -196,7 +196,7 @@ def nelbo(trained, split: str, *, max_images: int | None = None, samples: int = 
           batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
     """Caption-conditioned NELBO per image token (bits): independent masking, the batch's mask
     ratios stratified over [0, 1) (`sampling.masking`, mode ``stratified``)."""
-    from unif2ace_jax.train.objective import model_inputs, unified_loss
+    from unif2ace_jax.losses.unified import model_inputs, unified_loss
 
     loss_cfg = ml_collections.ConfigDict(trained.config.loss.to_dict())
     loss_cfg.masking = "stratified"
@@ -239,7 +239,7 @@ def evaluate(workdir: str, split: str = "test", *, judge_workdir: str | None = N
              batch_size: int = 100, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
     """All three evaluations; returns the JSON-ready dict (see module docstring)."""
-    from unif2ace_jax.train.state import load_trained
+    from unif2ace_jax.checkpoint.trained import load_trained
 
     trained = load_trained(workdir)
     judge_workdir = judge_workdir or trained.config.get("judge_workdir", "") or ""

@@ -1,6 +1,8 @@
-"""Losses: D3Diff over image codes, next-token CE over text, and the mask schedules."""
+"""Losses: next-token CE over text, the image tokenizer's losses, and the unified objective
+(`losses.unified`). D3Diff itself lives with the rest of the diffusion in `unif2ace_jax.diffusion`
+and is re-exported here, so ``from unif2ace_jax.losses import d3diff_loss`` works."""
 
-from unif2ace_jax.losses.d3diff import (
+from unif2ace_jax.diffusion.d3diff import (
     SCORE_PARAMETERIZATIONS,
     d3diff_loss,
     log_scores,
@@ -8,14 +10,10 @@ from unif2ace_jax.losses.d3diff import (
     score_entropy_per_sequence,
 )
 from unif2ace_jax.losses.next_token import next_token_loss
-from unif2ace_jax.losses.schedules import SCHEDULES, MaskSchedule, get_schedule
 
 __all__ = [
-    "SCHEDULES",
     "SCORE_PARAMETERIZATIONS",
-    "MaskSchedule",
     "d3diff_loss",
-    "get_schedule",
     "log_scores",
     "next_token_loss",
     "score_entropy",

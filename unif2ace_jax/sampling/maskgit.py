@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.losses.schedules import MaskSchedule, get_schedule
+from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 from unif2ace_jax.sampling.guidance import LogitsFn, guided_logits
 
 

@@ -169,7 +169,7 @@ def generate_images(trained, prompts: Sequence[str], *, num_per_prompt: int = 1,
                     guidance: float | None = None, chunk: int = 32) -> np.ndarray:
     """uint8 images ``[len(prompts) * num_per_prompt, H, W, 3]`` (prompt-major order).
 
-    `trained` is a `train.state.Trained`; unset options come from its ``config.sampling``.
+    `trained` is a `checkpoint.trained.Trained`; unset options come from its ``config.sampling``.
     """
     if not prompts:
         raise UserError("no prompt given")

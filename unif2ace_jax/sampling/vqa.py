@@ -89,7 +89,7 @@ def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str],
                      max_new_tokens: int | None = None, chunk: int = 64,
                      features: Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Answer strings for (image codes ``[B, N]``, question strings); `trained` is a
-    `train.state.Trained`; `features` as in `answer_ids` (one row per image)."""
+    `checkpoint.trained.Trained`; `features` as in `answer_ids` (one row per image)."""
     from unif2ace_jax.sampling.t2i import encode_texts
 
     if len(questions) != len(image_codes):

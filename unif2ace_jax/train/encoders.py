@@ -40,7 +40,7 @@ from unif2ace_jax.models.encoders.synthface_face import make_face_model
 from unif2ace_jax.models.judge import value_mask
 from unif2ace_jax.train import loop
 from unif2ace_jax.train.judge import random_shift
-from unif2ace_jax.train.optim import make_optimizer
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train.progress import format_duration
 
 KINDS = ("face", "clip")

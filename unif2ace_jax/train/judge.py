@@ -21,7 +21,7 @@ import ml_collections
 from unif2ace_jax.data import images as images_lib
 from unif2ace_jax.models.judge import AttributeJudge, judge_loss, make_judge
 from unif2ace_jax.train import loop
-from unif2ace_jax.train.optim import make_optimizer
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train.progress import format_duration
 
 

@@ -44,7 +44,7 @@ from unif2ace_jax.models.tokenizer.pretrained import CONFIG_FILE, save_tokenizer
 from unif2ace_jax.parallel import mesh as mesh_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import loop
-from unif2ace_jax.train.optim import make_optimizer
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
 from unif2ace_jax.utils.image_grid import save_image_grid
 

@@ -10,7 +10,7 @@ Config fields read here (see configs/synthface_tiny.py for a full example):
 * ``seed``, ``total_steps``, ``log_every``, ``ckpt_every``, ``keep_checkpoints``
 * ``mesh`` (sizes of data / fsdp / tensor / expert; one may be -1), ``dcn_mesh`` (optional),
   ``sharding.rules`` (overrides of the logical rules table, `parallel/rules.py`)
-* ``optim`` (`train/optim.py`), ``loss`` (`train/objective.py`)
+* ``optim`` (`optim.py`), ``loss`` (`losses/unified.py`)
 * ``model``: backbone fields (`models/backbone.py`) + ``num_image_codes`` (K) and ``image_grid``
   (h = w of the code grid; 0 = take both from the image tokenizer), ``vocab_pad_to_multiple``,
   ``group_assignment``, ``position_mode``
@@ -47,10 +47,11 @@ from unif2ace_jax.models.unified import UnifiedModel, build_model, default_featu
 from unif2ace_jax.parallel import mesh as mesh_lib
 from unif2ace_jax.parallel import presets as presets_lib
 from unif2ace_jax.parallel import rules as rules_lib
-from unif2ace_jax.train import state as state_lib
-from unif2ace_jax.train.objective import MODEL_KEYS, model_inputs, unified_loss
+from unif2ace_jax.checkpoint import state as state_lib
+from unif2ace_jax.checkpoint import trained as trained_lib
+from unif2ace_jax.losses.unified import MODEL_KEYS, model_inputs, unified_loss
 from unif2ace_jax.train import loop
-from unif2ace_jax.train.optim import make_optimizer
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
 
 SHOWN = ("loss", "lr", "mask_ce", "mask_accuracy", "mmu_loss", "mmu_accuracy", "lm_loss")
@@ -203,7 +204,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         raise UserError(f"data.batch_size {global_batch} must be divisible by the "
                         f"{jax.process_count()} processes and the {shards} batch shards")
     os.makedirs(workdir, exist_ok=True)
-    loop.check_same_model(os.path.join(workdir, state_lib.RUN_FILE), config, "a run")
+    loop.check_same_model(os.path.join(workdir, trained_lib.RUN_FILE), config, "a run")
     extra_fields = tuple(config.data.get("extra_fields", ()) or ())
 
     # ======================================================================= data
@@ -235,7 +236,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
                        for name, v in host_inputs.items()}
 
     # ======================================================================= checkpoint restore
-    checkpointer = Checkpointer(os.path.join(workdir, state_lib.CHECKPOINT_DIR),
+    checkpointer = Checkpointer(os.path.join(workdir, trained_lib.CHECKPOINT_DIR),
                                 max_to_keep=int(config.get("keep_checkpoints", 2)),
                                 save_interval_steps=int(config.ckpt_every))
     first_step = 0
@@ -244,13 +245,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         first_step = int(state["step"])
         print(f"[train] resumed from step {first_step} in {workdir}", flush=True)
     tok_dir = config.get("tokenizer_workdir", "") or ""
-    state_lib.save_run_info(
+    trained_lib.save_run_info(
         workdir, config, text_tokenizer=os.path.abspath(config.data.tokenizer.model_path),
         text_tokenizer_name=config.data.tokenizer.name,
         tokenizer_workdir=os.path.abspath(tok_dir) if tok_dir else "",
         text_vocab_size=int(text_tokenizer.vocab_size), num_image_codes=k, image_grid=grid,
         feature_shapes=_feature_shapes(init_features),
-        feature_encoders=state_lib.feature_encoder_specs(config))
+        feature_encoders=trained_lib.feature_encoder_specs(config))
     seq_len = first["text"].shape[1] + first["answer"].shape[1] + grid * grid + 5
     print(f"[train] {state_lib.count_params(state['params']):,} parameters; vocab "
           f"{model.vocab.size} (text {text_tokenizer.vocab_size}, {k} image codes, {grid}x{grid} "
@@ -289,7 +290,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     checkpointer.close()
     seconds = time.perf_counter() - t_start
     print(f"[train] trained {step - first_step} steps in {format_duration(seconds)}; "
-          f"checkpoints in {os.path.join(workdir, state_lib.CHECKPOINT_DIR)}", flush=True)
+          f"checkpoints in {os.path.join(workdir, trained_lib.CHECKPOINT_DIR)}", flush=True)
     return record
 
 

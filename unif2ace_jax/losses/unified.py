@@ -30,10 +30,11 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
-from unif2ace_jax.losses import d3diff_loss, next_token_loss
+from unif2ace_jax.diffusion.d3diff import d3diff_loss
+from unif2ace_jax.losses.next_token import next_token_loss
 from unif2ace_jax.models.sequences import TASK_LM, TASK_MMU, TASK_T2I
 from unif2ace_jax.models.unified import UnifiedModel, default_features
-from unif2ace_jax.sampling.masking import mask_image_codes
+from unif2ace_jax.diffusion.masking import mask_image_codes
 
 # Keys of a raw batch that the objective reads (the rest, e.g. decoded images, stays on host).
 MODEL_KEYS = ("task", "text", "text_len", "answer", "answer_len", "text_targets",

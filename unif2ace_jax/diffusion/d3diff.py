@@ -45,7 +45,7 @@ import jax
 import jax.numpy as jnp
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.losses.schedules import MaskSchedule, get_schedule
+from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 
 SCORE_PARAMETERIZATIONS = ("free", "normalized")
 

@@ -6,7 +6,7 @@ Two processes, both drawing ``u ~ U(0,1)`` per example and ``m = schedule.from_u
   (round half to even), chosen uniformly at random (random scores + rank). Returns
   ``mask_ratio = k / N``, the realised fraction, which is what ``d3diff_loss`` should be given for
   such masks: it keeps the score weight bounded and is what a model can read off its input
-  (see ``losses/d3diff.py`` for why the drawn m would make the L_score estimator heavy-tailed).
+  (see ``diffusion/d3diff.py`` for why the drawn m would make the L_score estimator heavy-tailed).
 * ``independent`` (the continuous-time ELBO's forward process): every position is masked
   independently with probability m. Returns ``mask_ratio = m``. With this, ``E[L_score]`` is exactly
   the NELBO; use it to report an unbiased ``nelbo_per_token``. A row may end with no mask at all
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.losses.schedules import MaskSchedule, get_schedule
+from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 
 MASKING_MODES = ("count", "independent", "stratified")
 
