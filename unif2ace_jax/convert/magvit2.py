@@ -8,7 +8,8 @@ Usage::
 (``encoder.*``, ``decoder.*``, ``quantize.embedding`` / ``quantize.power_vals``); its
 ``config.json`` carries no geometry, so the geometry is read from tensor names and shapes:
 
-* ``ch`` = ``encoder.conv_in.weight [ch, 3, 3, 3]``; ``bits`` = ``encoder.conv_out.weight [bits, ...]``;
+* ``ch`` from ``encoder.conv_in.weight [ch, 3, 3, 3]``; ``bits`` from
+  ``encoder.conv_out.weight [bits, C, 3, 3]``;
 * levels and blocks per level from the ``encoder.down.{i}.block.{j}`` /
   ``decoder.up.{i}.block.{j}`` indices; the width multiplier of level ``i`` from that level's
   ``block.0.conv1.weight [ch·mult, ...]`` (encoder and decoder share ``ch``);

@@ -1,8 +1,8 @@
 """A trained tokenizer on disk, and a numpy-in / numpy-out wrapper around it.
 
 The trainer exports ``DIR/tokenizer_params.msgpack`` (Flax msgpack of the params) and
-``DIR/tokenizer_config.json`` (the full training config) at every checkpoint and at the end (``python -m unif2ace_jax.convert.magvit2`` writes the same
-two files from Show-o's MAGVIT-v2 weights)::
+``DIR/tokenizer_config.json`` (the full training config) at every checkpoint and at the end
+(``python -m unif2ace_jax.convert.magvit2`` writes the same two files from Show-o's weights)::
 
     tok = load_tokenizer(DIR)
     codes = tok.encode(images)        # uint8 [B, H, W, 3] -> int32 [B, h, w]
