@@ -183,3 +183,17 @@ def test_cli_converts_the_fixture(golden, tmp_path):
     assert "6 bits" in proc.stdout
     pixels = load_tokenizer(out).decode(golden["codes"]).astype(int)
     assert np.abs(pixels - golden["decoded_uint8"]).max() <= 1
+
+
+def test_showo_release_geometry_is_inferred():
+    """Show-o's released geometry, from zero-cost stand-ins with the released names and shapes."""
+    real = conv.Geometry(ch=128, ch_mult=(1, 2, 2, 4, 4), num_res_blocks=(4, 3, 4, 3, 4),
+                         decoder_ch_mult=(1, 1, 2, 2, 4), decoder_num_res_blocks=(4, 4, 3, 4, 3),
+                         bits=13, mid_attention=True, quant_conv=True)
+    expected = conv._expected_params(conv.model_config(real, 256))
+    zero = np.zeros((), np.float32)
+    sd = {conv._torch_name(path): np.broadcast_to(zero, conv._torch_shape(shape))
+          for path, shape in expected.items()}
+    assert "encoder.down.4.block.3.conv2.weight" in sd and "decoder.up.0.block.3.norm1.bias" in sd
+    assert sd["decoder.up.1.block.0.nin_shortcut.weight"].shape == (128, 256, 1, 1)
+    assert conv.infer_geometry(sd) == real
