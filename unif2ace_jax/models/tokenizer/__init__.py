@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.tokenizer.magvit2 import ImageTokenizer
+from unif2ace_jax.models.tokenizer.magvit2 import PIXEL_ROUNDINGS, ImageTokenizer
 from unif2ace_jax.registry import Registry
 
 TOKENIZERS: Registry = Registry("tokenizer")
@@ -24,12 +24,16 @@ def _widths(ch: int, mult) -> list[int]:
 def make_magvit2(cfg: ml_collections.ConfigDict) -> ImageTokenizer:
     """`cfg` fields: bits, ch, ch_mult, num_res_blocks, decoder_ch_mult, decoder_num_res_blocks,
     num_groups (0 = no normalisation), mid_attention, downsample ("conv" | "avgpool"), quant_conv, patch_size,
-    pos_embed, remat, dtype, param_dtype. Inconsistent values raise UserError."""
+    pos_embed, remat, pixel_rounding ("round" | "truncate": uint8 output, see
+    `magvit2.model_to_images`), dtype, param_dtype. Inconsistent values raise UserError."""
     bits = int(cfg.bits)
     if not 1 <= bits <= 20:
         raise UserError(f"model.bits must be in [1, 20] (codebook 2^bits), got {bits}")
     if cfg.get("downsample", "conv") not in ("conv", "avgpool"):
         raise UserError(f"model.downsample must be 'conv' or 'avgpool', got {cfg.downsample!r}")
+    rounding = cfg.get("pixel_rounding", "round")
+    if rounding not in PIXEL_ROUNDINGS:
+        raise UserError(f"model.pixel_rounding must be one of {PIXEL_ROUNDINGS}, got {rounding!r}")
     groups = int(cfg.get("num_groups", 32))
     if groups < 0:
         raise UserError(f"model.num_groups must be >= 0 (0 = no normalisation), got {groups}")
@@ -54,6 +58,7 @@ def make_magvit2(cfg: ml_collections.ConfigDict) -> ImageTokenizer:
         patch_size=int(cfg.get("patch_size", 1)),
         pos_embed=bool(cfg.get("pos_embed", False)),
         remat=bool(cfg.get("remat", False)),
+        pixel_rounding=rounding,
         dtype=jnp.dtype(cfg.get("dtype", "float32")),
         param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")),
     )

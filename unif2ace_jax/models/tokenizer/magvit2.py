@@ -346,6 +346,7 @@ class ImageTokenizer(nn.Module):
     patch_size: int = 1
     pos_embed: bool = False
     remat: bool = False
+    pixel_rounding: str = "round"
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -393,6 +394,18 @@ def images_to_model(images: jax.Array) -> jax.Array:
     return images.astype(jnp.float32) / 127.5 - 1.0
 
 
-def model_to_images(x: jax.Array) -> jax.Array:
-    """float in [-1, 1] -> uint8 in [0, 255] (clipped, rounded)."""
-    return jnp.clip(jnp.round((x.astype(jnp.float32) + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
+PIXEL_ROUNDINGS = ("round", "truncate")
+
+
+def model_to_images(x: jax.Array, rounding: str = "round") -> jax.Array:
+    """float ``[...]`` in [-1, 1] -> uint8 ``[...]`` in [0, 255].
+
+    "round": ``clip(round((x + 1) · 127.5))``; "truncate" (Show-o's MAGVIT-v2):
+    ``floor(clip((x + 1) / 2, 0, 1) · 255)``.
+    """
+    x = x.astype(jnp.float32)
+    if rounding == "truncate":
+        return (jnp.clip((x + 1.0) / 2.0, 0.0, 1.0) * 255.0).astype(jnp.uint8)
+    if rounding != "round":
+        raise ValueError(f"rounding must be one of {PIXEL_ROUNDINGS}, got {rounding!r}")
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)

@@ -1,7 +1,8 @@
 """A trained tokenizer on disk, and a numpy-in / numpy-out wrapper around it.
 
 The trainer exports ``DIR/tokenizer_params.msgpack`` (Flax msgpack of the params) and
-``DIR/tokenizer_config.json`` (the full training config) at every checkpoint and at the end::
+``DIR/tokenizer_config.json`` (the full training config) at every checkpoint and at the end
+(``python -m unif2ace_jax.convert.magvit2`` writes the same two files from Show-o's weights)::
 
     tok = load_tokenizer(DIR)
     codes = tok.encode(images)        # uint8 [B, H, W, 3] -> int32 [B, h, w]
@@ -82,7 +83,7 @@ class TrainedTokenizer:
         self._encode = jax.jit(lambda p, x: model.apply({"params": p}, images_to_model(x),
                                                         method="encode"))
         self._decode = jax.jit(lambda p, c: model_to_images(
-            model.apply({"params": p}, c, method="decode")))
+            model.apply({"params": p}, c, method="decode"), model.pixel_rounding))
 
     def _check_images(self, images: np.ndarray) -> np.ndarray:
         images = np.asarray(images)
