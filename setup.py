@@ -21,8 +21,8 @@ INSTALL_REQUIRES = [
     "tqdm>=4.66",
     "rich>=13",
     "pyarrow>=14",
-    "safetensors>=0.4",
-    "tokenizers>=0.19",  # Show-o MAGVIT-v2 weights (unif2ace_jax.convert.magvit2)
+    "safetensors>=0.4",  # Show-o weights (unif2ace_jax.convert)
+    "tokenizers>=0.19",  # GPT-2 / Phi BPE text tokenizer (Show-o)
 ]
 
 EXTRAS_REQUIRE = {
