@@ -26,7 +26,8 @@ INSTALL_REQUIRES = [
 ]
 
 EXTRAS_REQUIRE = {
-    "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    # import-linter: `lint-imports` checks the layering in .importlinter (run by the test job).
+    "test": ["pytest>=8", "pytest-xdist>=3.5", "import-linter>=2.17,<3"],
     # Only for ahead-of-time TPU compiles on a CPU host (unif2ace_jax.aot).
     "tpu": ["jax[tpu]==0.10.2"],
     # Weight converters; the CPU wheel of torch 2.13.0 is what the tests use.

@@ -2,7 +2,7 @@
 # Local runner: installs the project into ./.venv (idempotent) and runs one job.
 #
 #   bash launch/local.sh main  [--workdir=runs/default] [extra flags]   # the main job, embedded default
-#   bash launch/local.sh test  [pytest args]                             # install + the test suite
+#   bash launch/local.sh test  [pytest args]                             # install + lint-imports + the test suite
 #   bash launch/local.sh python -m unif2ace_jax.<module> [flags]         # any module, inside the venv
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -30,7 +30,9 @@ export PYTHONUNBUFFERED=1
 
 case "$job" in
   main)   exec python -m unif2ace_jax.main "$@" ;;
-  test)   exec python -m pytest -q -n 2 --durations=15 "$@" ;;
+  test)   # The layering first (.importlinter), then the suite; either failing fails the job.
+          lint-imports
+          exec python -m pytest -q -n 2 --durations=15 "$@" ;;
   python) exec python "$@" ;;
   *) echo "local.sh: unknown job '$job' (expected: main, test, python)" >&2; exit 2 ;;
 esac

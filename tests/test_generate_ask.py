@@ -122,12 +122,30 @@ def test_generate_cli_writes_grid(tmp_path):
 
 @pytest.mark.slow
 def test_ask_cli_answers(tmp_path):
+    """The CLI prints the in-process `ask.ask` answers: the bare answer for one question,
+    ``question -> answer`` lines (in order) for several."""
+    from unif2ace_jax import ask
+    from unif2ace_jax.checkpoint.trained import load_trained
+
     workdir = unified_env.trained_run()
     image = _face_png(tmp_path / "face.png")
+    questions = ["What color is the person's hair?", "What color are the person's eyes?"]
+    trained = load_trained(workdir)
+    want_one = ask.ask(trained, str(image), questions[:1])
+    want_two = ask.ask(trained, str(image), questions)
+    assert len(want_one) == 1 and len(want_two) == 2
+    assert all(isinstance(a, str) for a in want_one + want_two)
+
     proc = unified_env.run_module("unif2ace_jax.ask", f"--workdir={workdir}", f"--image={image}",
-                                  "--question=What color is the person's hair?")
+                                  f"--question={questions[0]}")
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert len(proc.stdout.strip("\n").splitlines()) == 1
+    assert proc.stdout == want_one[0] + "\n"
+    args = [f"--workdir={workdir}", f"--image={image}", *[f"--question={q}" for q in questions]]
+    proc = unified_env.run_module("unif2ace_jax.ask", *args)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.splitlines() == [f"{q} -> {a}" for q, a in zip(questions, want_two)]
+    again = unified_env.run_module("unif2ace_jax.ask", *args)  # greedy: the same answers
+    assert again.returncode == 0 and again.stdout == proc.stdout
 
 
 def test_cli_bad_inputs(tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from unif2ace_jax.data import pipeline, records
+from unif2ace_jax.data import elements, pipeline, records
 from unif2ace_jax.data.ordering import CounterRng, EpochShuffle
 from unif2ace_jax.data.build import build_dataset, read_texts
 from unif2ace_jax.data.derive import derive_dataset
@@ -94,9 +94,9 @@ def test_raw_batch_contract(env):
             text = batch["text"][b, :n].tolist()
             caption = tok.encode(records.as_str(rec["caption"]))[:48]
             rows = records.qa_rows(rec["qa"])
-            if task == pipeline.T2I:
+            if task == elements.T2I:
                 assert text == caption and m == 0 and batch["qa_type"][b] == -1
-            elif task == pipeline.MMU:
+            elif task == elements.MMU:
                 matches = [r for r in rows if tok.encode(r["question"])[:48] == text
                            and tok.encode(r["answer"])[:3] == batch["answer"][b, :m].tolist()]
                 assert matches, "question/answer are not a QA pair of the record"
@@ -117,7 +117,7 @@ def test_captioning_mmu_rows(env):
     prompt = tok.encode("describe the face.")
     kinds = []
     for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 8):
-        assert (batch["task"] == pipeline.MMU).all()
+        assert (batch["task"] == elements.MMU).all()
         for b in range(4):
             n, targets = int(batch["text_len"][b]), batch["text_targets"][b]
             text = batch["text"][b, :n].tolist()
@@ -133,13 +133,13 @@ def test_captioning_mmu_rows(env):
                 kinds.append("qa")
     assert 8 <= kinds.count("caption") <= 24, kinds  # 32 draws at p = 0.5
     with pytest.raises(UserError, match="mmu_caption_prob"):
-        pipeline.element_spec(_config(env, mmu_caption_prob=1.5).data)
+        elements.element_spec(_config(env, mmu_caption_prob=1.5).data)
 
 
 def test_caption_sentences():
-    assert pipeline.caption_sentences("A b. C d!  E f? g") == ["A b.", "C d!", "E f?", "g"]
-    assert pipeline.caption_sentences("  no full stop ") == ["no full stop"]
-    assert pipeline.caption_sentences("3.5 mm. Next.") == ["3.5 mm.", "Next."]
+    assert elements.caption_sentences("A b. C d!  E f? g") == ["A b.", "C d!", "E f?", "g"]
+    assert elements.caption_sentences("  no full stop ") == ["no full stop"]
+    assert elements.caption_sentences("3.5 mm. Next.") == ["3.5 mm.", "Next."]
 
 
 def test_short_t2i_captions_in_training_only(env):
@@ -152,7 +152,7 @@ def test_short_t2i_captions_in_training_only(env):
     for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 10):
         for b in range(4):
             caption = records.as_str(source[int(batch["index"][b])]["caption"])
-            sentences = pipeline.caption_sentences(caption)
+            sentences = elements.caption_sentences(caption)
             text = batch["text"][b, :int(batch["text_len"][b])].tolist()
             prefixes = [tok.encode(" ".join(sentences[:k]))[:400]
                         for k in range(1, len(sentences))]
@@ -170,7 +170,7 @@ def test_short_t2i_captions_in_training_only(env):
             n = int(batch["text_len"][b])
             assert batch["text"][b, :n].tolist() == tok.encode(caption)[:400]
     with pytest.raises(UserError, match="t2i_short_caption_prob"):
-        pipeline.element_spec(_config(env, t2i_short_caption_prob=-0.1).data)
+        elements.element_spec(_config(env, t2i_short_caption_prob=-0.1).data)
 
 
 def test_packed_qa_rows(env):
@@ -220,19 +220,19 @@ def test_packed_qa_rows(env):
     batch = next(iter(ev))
     assert not (batch["text"] == TEXT_EOS_MARKER).any() and not batch["text_targets"].any()
     with pytest.raises(UserError, match="mmu_questions_per_row"):
-        pipeline.element_spec(_config(env, mmu_questions_per_row=0).data)
+        elements.element_spec(_config(env, mmu_questions_per_row=0).data)
 
 
 def test_task_mixture_frequencies():
-    mixture = pipeline.mixture_probabilities({"t2i": 1, "mmu": 2, "lm": 1})
-    spec = pipeline.ElementSpec(8, 4, 64, "image", (), mixture, seed=5)
-    builder = pipeline.ElementBuilder(spec, tokenizer=None, source_name="x")
+    mixture = elements.mixture_probabilities({"t2i": 1, "mmu": 2, "lm": 1})
+    spec = elements.ElementSpec(8, 4, 64, "image", (), mixture, seed=5)
+    builder = elements.ElementBuilder(spec, tokenizer=None, source_name="x")
     draws = np.array([builder.draw_task(builder.rng(j)) for j in range(20000)])
     freq = np.bincount(draws, minlength=3) / len(draws)
     np.testing.assert_allclose(freq, [0.25, 0.5, 0.25], atol=0.015)  # ~4.5 sigma
     again = np.array([builder.draw_task(builder.rng(j)) for j in range(200)])
     np.testing.assert_array_equal(draws[:200], again)
-    other_host = pipeline.ElementBuilder(spec, None, "x", process_index=1)
+    other_host = elements.ElementBuilder(spec, None, "x", process_index=1)
     assert not np.array_equal(draws[:200], [other_host.draw_task(other_host.rng(j)) for j in range(200)])
 
 
@@ -249,7 +249,7 @@ def test_single_task_mixture(env):
     config = _config(env, mixture={"mmu": 1.0})
     it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     for batch in _take(it, 5):
-        assert (batch["task"] == pipeline.MMU).all() and (batch["answer_len"] > 0).all()
+        assert (batch["task"] == elements.MMU).all() and (batch["answer_len"] > 0).all()
         assert (batch["qa_type"] >= 0).all()
 
 
@@ -346,7 +346,7 @@ def test_eval_iterator_covers_every_qa_pair_once(env):
         rows = []
         for batch in batches:
             assert batch["text"].shape == (2, 48)
-            assert (batch["task"][batch["valid"]] == pipeline.MMU).all()
+            assert (batch["task"][batch["valid"]] == elements.MMU).all()
             assert (batch["index"][~batch["valid"]] == -1).all()
             for b in np.flatnonzero(batch["valid"]):
                 rows.append((int(batch["index"][b]), batch["text"][b, : batch["text_len"][b]].tolist(),
@@ -394,12 +394,12 @@ def test_tokenizer_checks(env, tmp_path):
 
 def test_corrupt_image_names_the_record(env):
     _, model, src = env
-    spec = pipeline.element_spec(_config(env).data)
-    builder = pipeline.ElementBuilder(spec, SentencePieceTokenizer(model), "synthface:train")
+    spec = elements.element_spec(_config(env).data)
+    builder = elements.ElementBuilder(spec, SentencePieceTokenizer(model), "synthface:train")
     rec = dict(src.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})[3])
     rec["image"] = rec["image"][:30]
     with pytest.raises(UserError, match="corrupt image synthface:train record 3"):
-        builder.build(3, rec, pipeline.T2I, builder.rng(0))
+        builder.build(3, rec, elements.T2I, builder.rng(0))
 
 
 @pytest.mark.slow  # ~20 s: starts grain worker processes

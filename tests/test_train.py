@@ -93,9 +93,21 @@ def test_bench_runs():
         env=dict(os.environ, JAX_PLATFORMS="cpu"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert set(result) == {"device", "num_devices", "peak_flops_per_s", "peak_matmul",
+                           "compile_and_first_step_s", "unified"}  # no torch_phi without --torch
+    assert result["peak_matmul"] == "256x256 f32"
+    assert result["num_devices"] >= 1 and result["compile_and_first_step_s"] > 0
     assert result["peak_flops_per_s"] > 0
     r = result["unified"]
-    assert r["tokens_per_s"] > 0 and r["flops_per_s"] > 0
+    assert set(r) == {"tokens_per_step", "flops_per_step", "step_s", "tokens_per_s",
+                      "flops_per_s", "fraction_of_peak", "fraction_of_peak_cpu_time"}
+    assert r["tokens_per_s"] > 0 and r["flops_per_s"] > 0 and r["step_s"] > 0
+    assert r["fraction_of_peak_cpu_time"] > 0
+    # The rates are the per-step figures over the same measured step time.
+    assert r["tokens_per_s"] == pytest.approx(r["tokens_per_step"] / r["step_s"])
+    assert r["flops_per_s"] == pytest.approx(r["flops_per_step"] / r["step_s"])
     assert r["fraction_of_peak"] == pytest.approx(r["flops_per_s"] / result["peak_flops_per_s"])
+    # At least the lm head's 3 x 2 D V FLOPs per token (D = 32, V >= 512 text ids in :tiny).
+    assert r["flops_per_step"] >= 3 * 2 * 32 * 512 * r["tokens_per_step"]
     # 8 rows of L = 32 + 3 + 16 + 5 tokens (configs/synthface_tiny.py:tiny).
     assert r["tokens_per_step"] == 8 * (32 + 3 + 16 + 5)

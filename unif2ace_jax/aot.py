@@ -46,10 +46,14 @@ import time
 # from probing for TPUs. Read by JAX at import, so before any import of jax.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
+# jax, and the project modules that import it, are imported inside the functions that use
+# them: `main` sets libtpu's environment (topology_lib.libtpu_env) before the first of them.
+import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 from unif2ace_jax.errors import UserError, config_value, run_cli  # noqa: E402
+from unif2ace_jax.parallel import presets as presets_lib  # noqa: E402
 from unif2ace_jax.parallel import topology as topology_lib  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Training config file.",
@@ -99,29 +103,11 @@ def main(argv: list[str]) -> None:
 def fit_check(config, topo: topology_lib.Topology, *, preset: str | None = None,
               text_vocab_size: int = 0, unrolled_flops: bool = True) -> dict:
     """Compiles the train step of `config` for `topo`; returns the report (see module doc)."""
-    from unif2ace_jax.parallel import presets as presets_lib
-
     config = presets_lib.apply_preset(config, preset)
     t0 = time.perf_counter()
     step = compile_step(config, topo, text_vocab_size=text_vocab_size)
     compile_s = time.perf_counter() - t0
-    xla_flops, flops_method = step["flops"], "compiled step"
-    num_layers = int(config.model.num_layers)
-    if not unrolled_flops and config.model.get("scan_layers", False):
-        flops_method = "scanned step (the layer loop body counted once: an undercount)"
-    elif config.model.get("scan_layers", False) and num_layers > 2:
-        # XLA's cost analysis counts the body of the layer loop once, whatever the trip count:
-        # count unrolled 1- and 2-layer steps and extrapolate (the layers are identical).
-        per = []
-        for n in (1, 2):
-            small = config.copy_and_resolve_references()
-            with small.unlocked():
-                small.model.num_layers = n
-                small.model.scan_layers = False
-            per.append(compile_step(small, topo, text_vocab_size=text_vocab_size)["flops"])
-        xla_flops = per[0] + (num_layers - 1) * (per[1] - per[0])
-        flops_method = (f"unrolled 1- and 2-layer steps extrapolated to {num_layers} layers "
-                        f"(the scanned step's cost analysis counts its loop body once)")
+    xla_flops, flops_method = _xla_flops(config, topo, step, text_vocab_size, unrolled_flops)
 
     mem = step["compiled"].memory_analysis()
     argument = int(mem.argument_size_in_bytes)
@@ -177,6 +163,29 @@ def fit_check(config, topo: topology_lib.Topology, *, preset: str | None = None,
                        "est_step_time_s is too low; min_step_time_s is a bound"}
            if mfu and mfu > 1 else {}),
     }
+
+
+def _xla_flops(config, topo: topology_lib.Topology, step: dict, text_vocab_size: int,
+               unrolled_flops: bool) -> tuple[float, str]:
+    """XLA's FLOPs per device of the step, and how they were counted."""
+    xla_flops, flops_method = step["flops"], "compiled step"
+    num_layers = int(config.model.num_layers)
+    if not unrolled_flops and config.model.get("scan_layers", False):
+        flops_method = "scanned step (the layer loop body counted once: an undercount)"
+    elif config.model.get("scan_layers", False) and num_layers > 2:
+        # XLA's cost analysis counts the body of the layer loop once, whatever the trip count:
+        # count unrolled 1- and 2-layer steps and extrapolate (the layers are identical).
+        per = []
+        for n in (1, 2):
+            small = config.copy_and_resolve_references()
+            with small.unlocked():
+                small.model.num_layers = n
+                small.model.scan_layers = False
+            per.append(compile_step(small, topo, text_vocab_size=text_vocab_size)["flops"])
+        xla_flops = per[0] + (num_layers - 1) * (per[1] - per[0])
+        flops_method = (f"unrolled 1- and 2-layer steps extrapolated to {num_layers} layers "
+                        f"(the scanned step's cost analysis counts its loop body once)")
+    return xla_flops, flops_method
 
 
 def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 0) -> dict:
@@ -251,8 +260,6 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
 def _batch_shapes(model, config, batch: int, lt: int, la: int,
                   extra_fields: tuple[str, ...]) -> dict:
     """``name -> (shape, dtype)`` of a global training batch (`losses.unified.model_inputs` keys)."""
-    import numpy as np
-
     shapes = {"task": ((batch,), np.int32), "text": ((batch, lt), np.int32),
               "text_len": ((batch,), np.int32), "answer": ((batch, la), np.int32),
               "answer_len": ((batch,), np.int32), "text_targets": ((batch, lt), np.bool_),
@@ -279,11 +286,8 @@ def _feature_dims(model_config) -> dict[str, int]:
 
 def _init_features(batch_shapes: dict) -> dict:
     """Features of batch 1 for `model.init` (their shapes fix the seq-MoE's parameters)."""
-    import numpy as np
-
-    from unif2ace_jax.models.unified import default_features
-
     from unif2ace_jax.losses.unified import MODEL_KEYS
+    from unif2ace_jax.models.unified import default_features
 
     skip = MODEL_KEYS
     extra = {n: np.zeros((1,) + tuple(shape[1:]), dtype)
@@ -301,7 +305,6 @@ def active_param_count(model, model_config, features) -> int:
     """
     import flax.linen as nn
     import jax
-    import numpy as np
 
     boxed = jax.eval_shape(lambda key: model.init(key, features=features), jax.random.key(0))
     top_k = int((model_config.get("ffn", None) or {}).get("top_k", 1) or 1)

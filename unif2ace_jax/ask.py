@@ -14,10 +14,14 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 from absl import flags
 
+from unif2ace_jax.checkpoint.trained import load_trained
 from unif2ace_jax.cli import begin
+from unif2ace_jax.data.records import decode_image
 from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.sampling.vqa import answer_questions
 
 flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
 flags.DEFINE_string("image", None, "Image file (PNG, JPEG, ...).")
@@ -31,8 +35,6 @@ FLAGS = flags.FLAGS
 def read_image(path: str, size: int | None = None):
     """uint8 [H, W, 3] from an image file (center-cropped and resized to [size, size] when
     `size` is given); UserError when missing or unreadable."""
-    from unif2ace_jax.data.records import decode_image
-
     if not os.path.isfile(path):
         raise UserError(f"image file does not exist: {path}")
     try:
@@ -53,8 +55,6 @@ def main(argv: list[str]) -> None:
 
     read_image(FLAGS.image)  # fail on a bad image before loading the model
 
-    from unif2ace_jax.checkpoint.trained import load_trained
-
     answers = ask(load_trained(FLAGS.workdir), FLAGS.image, questions,
                   max_new_tokens=FLAGS.max_tokens)
     for question, answer in zip(questions, answers):
@@ -69,8 +69,6 @@ def image_inputs(trained, path: str) -> tuple:
     center-cropped and resized to the records' size (``data.image_size``), as the records'
     precomputed fields were; ``<key>_present`` is True. No features for other models.
     """
-    import numpy as np
-
     image_tokenizer = trained.image_tokenizer
     image = read_image(path, image_tokenizer.image_size)
     codes = np.asarray(image_tokenizer.encode(image[None])).reshape(1, -1)
@@ -86,10 +84,6 @@ def ask(trained, image_path: str, questions: list[str], *,
         max_new_tokens: int | None = None) -> list[str]:
     """Greedy answers to `questions` about one image file; `trained` is a
     `checkpoint.trained.Trained`."""
-    import numpy as np
-
-    from unif2ace_jax.sampling.vqa import answer_questions
-
     codes, features = image_inputs(trained, image_path)
     n = len(questions)
     return answer_questions(trained, np.repeat(codes, n, axis=0), questions,

@@ -8,14 +8,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from absl import flags, logging
+
 from unif2ace_jax.errors import UserError, config_value
 
 
 def quiet_logs() -> None:
     """Orbax / TFDS log every checkpoint and dataset read at INFO; keep the output readable
     (unless ``--verbosity`` was given)."""
-    from absl import flags, logging
-
     if not flags.FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)
 
@@ -28,8 +28,6 @@ def no_positional(argv: list[str]) -> None:
 
 def require(name: str) -> Any:
     """The value of flag ``--name``; UserError ``--name is required`` when it is unset/empty."""
-    from absl import flags
-
     value = getattr(flags.FLAGS, name)
     if not value:
         raise UserError(f"--{name} is required")

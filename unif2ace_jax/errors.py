@@ -6,6 +6,8 @@ import functools
 import sys
 from typing import Callable
 
+from absl import app, flags
+
 
 class UserError(Exception):
     """Bad input from the user (missing file, corrupt image, unknown name, wrong shape).
@@ -34,19 +36,14 @@ def run_cli(main: Callable[[list[str]], object]) -> None:
     absl prints a usage dump for bad flags; ml_collections raises on unknown
     `--config.x` keys while parsing. Both become `error: ...` and exit status 2.
     """
-    from absl import app, flags
-
     try:
         app.run(cli_main(main), flags_parser=_parse_flags_or_exit)
     except UserError as e:  # raised by flag parsing helpers
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    del flags
 
 
 def _parse_flags_or_exit(argv: list[str]) -> list[str]:
-    from absl import flags
-
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:

@@ -16,8 +16,11 @@ import os
 
 from absl import flags
 
+from unif2ace_jax.checkpoint.trained import load_trained
 from unif2ace_jax.cli import begin
 from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.sampling.t2i import generate_images
+from unif2ace_jax.utils.image_grid import save_image_grid
 
 flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
 flags.DEFINE_multi_string("prompt", None, "Caption(s) to draw; repeat for several rows.")
@@ -49,10 +52,6 @@ def main(argv: list[str]) -> None:
     parent = os.path.dirname(os.path.abspath(FLAGS.out))
     if not os.path.isdir(parent):
         raise UserError(f"directory of --out does not exist: {parent}")
-
-    from unif2ace_jax.sampling.t2i import generate_images
-    from unif2ace_jax.checkpoint.trained import load_trained
-    from unif2ace_jax.utils.image_grid import save_image_grid
 
     trained = load_trained(FLAGS.workdir)
     images = generate_images(trained, prompts, num_per_prompt=FLAGS.num, seed=FLAGS.seed,

@@ -222,142 +222,152 @@ def collect_answers(w: str) -> dict:
             "answers": rows}
 
 
-STAGES: list[Stage] = [
-    Stage(
-        "data",
-        outputs=lambda w: [os.path.join(_data_dir(w), "synthface", FLAGS.data_config)],
-        commands=lambda w: [_py("unif2ace_jax.data", "build", "--dataset=synthface",
-                                f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}",
-                                f"--num_workers={min(os.cpu_count() or 1, 8)}")],
-    ),
-    Stage(
-        "text_tokenizer",
-        outputs=lambda w: [_text_model(w)],
-        commands=lambda w: [_py("unif2ace_jax.data", "train_tokenizer", "--dataset=synthface",
-                                f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}",
-                                f"--vocab_size={FLAGS.text_vocab_size}", f"--out={_text_model(w)}")],
-        after=("data",),
-    ),
-    Stage(
-        "judge",
-        outputs=lambda w: [os.path.join(w, "judge_test.json")],
-        commands=lambda w: [
-            _py("unif2ace_jax.train.judge", "--config=configs/judge_synthface.py",
-                f"--workdir={os.path.join(w, 'judge')}"),
-            _py("unif2ace_jax.evaluate.judge", f"--workdir={os.path.join(w, 'judge')}",
-                "--split=test", f"> {os.path.join(w, 'judge_test.json')}"),
-        ],
-        summary=lambda w: {"judge_test": _json(os.path.join(w, "judge_test.json"))},
-        after=("data",),
-    ),
-    Stage(
-        "tokenizer",
-        outputs=lambda w: [os.path.join(_tok_dir(w), "train_summary.json")],  # written last
-        commands=lambda w: [
-            # The tokenizer_eval stage measures the same test faces (and adds the judge).
-            _py("unif2ace_jax.train.tokenizer", "--config=configs/tokenizer_synthface_64.py",
-                f"--workdir={_tok_dir(w)}", "--config.train.eval_examples=0")],
-        after=("data",),
-    ),
-    Stage(
-        "tokenizer_eval",
-        outputs=lambda w: [os.path.join(w, "tokenizer_eval.json")],
-        commands=lambda w: [
-            _py("unif2ace_jax.evaluate.tokenizer", f"--workdir={_tok_dir(w)}", "--split=test",
-                f"--judge_workdir={os.path.join(w, 'judge')}",
-                f"> {os.path.join(w, 'tokenizer_eval.json')}")],
-        summary=lambda w: {"tokenizer_test": _json(os.path.join(w, "tokenizer_eval.json"))},
-        after=("tokenizer", "judge"),
-    ),
-    Stage(
-        "pretokenize",
-        outputs=lambda w: [os.path.join(_data_dir(w), CODED_DATASET, FLAGS.data_config)],
-        commands=lambda w: [_py("unif2ace_jax.data.pretokenize", f"--tokenizer_workdir={_tok_dir(w)}",
-                                f"--data_dir={_data_dir(w)}",
-                                f"--dataset=synthface/{FLAGS.data_config}",
-                                f"--out_data_dir={_data_dir(w)}", f"--name={CODED_DATASET}")],
-        after=("tokenizer",),
-    ),
-    Stage(
-        "encoders",
-        outputs=lambda w: [os.path.join(_encoder_dir(w, k), "eval.json")
-                           for k in _encoder_kinds()],
-        commands=lambda w: [
-            _py("unif2ace_jax.train.encoders", f"--kind={k}", f"--workdir={_encoder_dir(w, k)}",
+def _judge_dir(w: str) -> str:
+    return os.path.join(w, "judge")
+
+
+def _in(w: str, name: str) -> str:
+    """A stage output file directly under the workdir."""
+    return os.path.join(w, name)
+
+
+# One function per stage: the commands it runs (a trailing "> FILE" saves the command's stdout).
+
+def _data_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.data", "build", "--dataset=synthface",
+                f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}",
+                f"--num_workers={min(os.cpu_count() or 1, 8)}")]
+
+
+def _text_tokenizer_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.data", "train_tokenizer", "--dataset=synthface",
+                f"--config_name={FLAGS.data_config}", f"--data_dir={_data_dir(w)}",
+                f"--vocab_size={FLAGS.text_vocab_size}", f"--out={_text_model(w)}")]
+
+
+def _judge_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.train.judge", "--config=configs/judge_synthface.py",
+                f"--workdir={_judge_dir(w)}"),
+            _py("unif2ace_jax.evaluate.judge", f"--workdir={_judge_dir(w)}", "--split=test",
+                f"> {_in(w, 'judge_test.json')}")]
+
+
+def _tokenizer_commands(w: str) -> list[list[str]]:
+    # The tokenizer_eval stage measures the same test faces (and adds the judge).
+    return [_py("unif2ace_jax.train.tokenizer", "--config=configs/tokenizer_synthface_64.py",
+                f"--workdir={_tok_dir(w)}", "--config.train.eval_examples=0")]
+
+
+def _tokenizer_eval_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.evaluate.tokenizer", f"--workdir={_tok_dir(w)}", "--split=test",
+                f"--judge_workdir={_judge_dir(w)}", f"> {_in(w, 'tokenizer_eval.json')}")]
+
+
+def _pretokenize_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.data.pretokenize", f"--tokenizer_workdir={_tok_dir(w)}",
+                f"--data_dir={_data_dir(w)}", f"--dataset=synthface/{FLAGS.data_config}",
+                f"--out_data_dir={_data_dir(w)}", f"--name={CODED_DATASET}")]
+
+
+def _encoders_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.train.encoders", f"--kind={k}", f"--workdir={_encoder_dir(w, k)}",
                 f"--config.data.data_dir={_data_dir(w)}",
                 f"--config.data.config={FLAGS.data_config}",
                 f"--config.data.tokenizer.model_path={_text_model(w)}")
-            for k in _encoder_kinds()],
-        summary=lambda w: {f"encoder_{k}": _json(os.path.join(_encoder_dir(w, k), "eval.json"))
-                           for k in _encoder_kinds()},
-        needed=_needs_features,
-        after=("data", "text_tokenizer"),
-    ),
-    Stage(
-        "embeddings",
-        outputs=lambda w: [os.path.join(_data_dir(w), _embedded_dataset(), FLAGS.data_config)],
-        commands=lambda w: [_py(
-            "unif2ace_jax.data.embeddings", f"--data_dir={_data_dir(w)}",
-            f"--dataset={CODED_DATASET}/{FLAGS.data_config}",
-            "--encoders=" + ",".join(f"synthface_{k}" for k in _encoder_kinds()),
-            "--encoder_workdirs=" + ",".join(_encoder_dir(w, k) for k in _encoder_kinds()),
-            f"--out_data_dir={_data_dir(w)}", f"--name={_embedded_dataset()}")],
-        needed=_needs_features,
-        after=("pretokenize", "encoders"),
-    ),
-    Stage(
-        "unified",
-        outputs=lambda w: [os.path.join(w, "unified_train.json")],
-        commands=lambda w: [
-            _py("unif2ace_jax.train", f"--config={FLAGS.unified_config}",
+            for k in _encoder_kinds()]
+
+
+def _embeddings_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.data.embeddings", f"--data_dir={_data_dir(w)}",
+                f"--dataset={CODED_DATASET}/{FLAGS.data_config}",
+                "--encoders=" + ",".join(f"synthface_{k}" for k in _encoder_kinds()),
+                "--encoder_workdirs=" + ",".join(_encoder_dir(w, k) for k in _encoder_kinds()),
+                f"--out_data_dir={_data_dir(w)}", f"--name={_embedded_dataset()}")]
+
+
+def _unified_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.train", f"--config={FLAGS.unified_config}",
                 f"--workdir={_unified_dir(w)}", *_unified_overrides(w)),
             _py("unif2ace_jax.main", "--last_metrics", f"--workdir={_unified_dir(w)}",
-                f"> {os.path.join(w, 'unified_train.json')}"),
-        ],
-        summary=lambda w: {"unified_train": _json(os.path.join(w, "unified_train.json"))},
-        after=("text_tokenizer", "judge", "tokenizer", "pretokenize", "embeddings"),
-    ),
-    Stage(
-        "generate",
-        outputs=lambda w: [os.path.join(w, "samples.png")],
-        commands=lambda w: [_py("unif2ace_jax.generate", f"--workdir={_unified_dir(w)}",
-                                *[f"--prompt={p}" for p in SAMPLE_PROMPTS], "--num=6",
-                                f"--out={os.path.join(w, 'samples.png')}")],
-        summary=lambda w: {"samples": os.path.join(w, "samples.png"),
-                           "sample_prompts": list(SAMPLE_PROMPTS)},
-        after=("unified",),
-    ),
-    Stage(
-        "ask",
-        outputs=lambda w: [os.path.join(w, "answers.json")],
-        commands=lambda w: [
-            _py("unif2ace_jax.data", "export", f"--data_dir={_data_dir(w)}", "--dataset=synthface",
-                f"--config_name={FLAGS.data_config}", "--split=test", f"--num={NUM_ASK_FACES}",
-                f"--out={_faces_dir(w)}"),
-            *[_py("unif2ace_jax.ask", f"--workdir={_unified_dir(w)}",
-                  f"--image={os.path.join(_faces_dir(w), f'face_{i}.png')}",
-                  *[f"--question={q}" for q in ASK_QUESTIONS],
-                  f"> {os.path.join(_faces_dir(w), f'answers_{i}.txt')}")
-              for i in range(NUM_ASK_FACES)],
-            [sys.executable, "-m", "unif2ace_jax.main", "--collect_answers", f"--workdir={w}",
-             f"> {os.path.join(w, 'answers.json')}"],
-        ],
-        summary=lambda w: {"answers": _json(os.path.join(w, "answers.json"))},
-        after=("data", "unified"),
-    ),
-    Stage(
-        "evaluate",
-        outputs=lambda w: [os.path.join(w, f"eval_{s}.json") for s in EVAL_SPLITS],
-        commands=lambda w: [
-            _py("unif2ace_jax.evaluate", f"--workdir={_unified_dir(w)}", f"--split={s}",
-                f"--judge_workdir={os.path.join(w, 'judge')}",
-                f"--num_generate={_eval_faces(s)}", f"--max_questions={FLAGS.eval_questions}",
-                f"> {os.path.join(w, f'eval_{s}.json')}")
-            for s in EVAL_SPLITS],
-        summary=lambda w: {f"eval_{s}": _brief_eval(_json(os.path.join(w, f"eval_{s}.json")))
-                           for s in EVAL_SPLITS},
-        after=("judge", "unified"),
-    ),
+                f"> {_in(w, 'unified_train.json')}")]
+
+
+def _generate_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.generate", f"--workdir={_unified_dir(w)}",
+                *[f"--prompt={p}" for p in SAMPLE_PROMPTS], "--num=6",
+                f"--out={_in(w, 'samples.png')}")]
+
+
+def _ask_commands(w: str) -> list[list[str]]:
+    """Exports test faces, asks each the ASK_QUESTIONS, collects the answers."""
+    export = _py("unif2ace_jax.data", "export", f"--data_dir={_data_dir(w)}",
+                 "--dataset=synthface", f"--config_name={FLAGS.data_config}", "--split=test",
+                 f"--num={NUM_ASK_FACES}", f"--out={_faces_dir(w)}")
+    asks = [_py("unif2ace_jax.ask", f"--workdir={_unified_dir(w)}",
+                f"--image={os.path.join(_faces_dir(w), f'face_{i}.png')}",
+                *[f"--question={q}" for q in ASK_QUESTIONS],
+                f"> {os.path.join(_faces_dir(w), f'answers_{i}.txt')}")
+            for i in range(NUM_ASK_FACES)]
+    collect = _py("unif2ace_jax.main", "--collect_answers", f"--workdir={w}",
+                  f"> {_in(w, 'answers.json')}")
+    return [export, *asks, collect]
+
+
+def _evaluate_commands(w: str) -> list[list[str]]:
+    return [_py("unif2ace_jax.evaluate", f"--workdir={_unified_dir(w)}", f"--split={s}",
+                f"--judge_workdir={_judge_dir(w)}", f"--num_generate={_eval_faces(s)}",
+                f"--max_questions={FLAGS.eval_questions}", f"> {_in(w, f'eval_{s}.json')}")
+            for s in EVAL_SPLITS]
+
+
+def _json_summary(key: str, name: str) -> Callable[[str], dict]:
+    """A stage summary: ``{key: the JSON object in WORKDIR/name}``."""
+    return lambda w: {key: _json(_in(w, name))}
+
+
+STAGES: list[Stage] = [
+    Stage("data", outputs=lambda w: [os.path.join(_data_dir(w), "synthface", FLAGS.data_config)],
+          commands=_data_commands),
+    Stage("text_tokenizer", outputs=lambda w: [_text_model(w)],
+          commands=_text_tokenizer_commands, after=("data",)),
+    Stage("judge", outputs=lambda w: [_in(w, "judge_test.json")], commands=_judge_commands,
+          summary=_json_summary("judge_test", "judge_test.json"), after=("data",)),
+    Stage("tokenizer",
+          outputs=lambda w: [os.path.join(_tok_dir(w), "train_summary.json")],  # written last
+          commands=_tokenizer_commands, after=("data",)),
+    Stage("tokenizer_eval", outputs=lambda w: [_in(w, "tokenizer_eval.json")],
+          commands=_tokenizer_eval_commands,
+          summary=_json_summary("tokenizer_test", "tokenizer_eval.json"),
+          after=("tokenizer", "judge")),
+    Stage("pretokenize",
+          outputs=lambda w: [os.path.join(_data_dir(w), CODED_DATASET, FLAGS.data_config)],
+          commands=_pretokenize_commands, after=("tokenizer",)),
+    Stage("encoders",
+          outputs=lambda w: [os.path.join(_encoder_dir(w, k), "eval.json")
+                             for k in _encoder_kinds()],
+          commands=_encoders_commands,
+          summary=lambda w: {f"encoder_{k}": _json(os.path.join(_encoder_dir(w, k), "eval.json"))
+                             for k in _encoder_kinds()},
+          needed=_needs_features, after=("data", "text_tokenizer")),
+    Stage("embeddings",
+          outputs=lambda w: [os.path.join(_data_dir(w), _embedded_dataset(), FLAGS.data_config)],
+          commands=_embeddings_commands, needed=_needs_features,
+          after=("pretokenize", "encoders")),
+    Stage("unified", outputs=lambda w: [_in(w, "unified_train.json")],
+          commands=_unified_commands,
+          summary=_json_summary("unified_train", "unified_train.json"),
+          after=("text_tokenizer", "judge", "tokenizer", "pretokenize", "embeddings")),
+    Stage("generate", outputs=lambda w: [_in(w, "samples.png")], commands=_generate_commands,
+          summary=lambda w: {"samples": _in(w, "samples.png"),
+                             "sample_prompts": list(SAMPLE_PROMPTS)},
+          after=("unified",)),
+    Stage("ask", outputs=lambda w: [_in(w, "answers.json")], commands=_ask_commands,
+          summary=_json_summary("answers", "answers.json"), after=("data", "unified")),
+    Stage("evaluate", outputs=lambda w: [_in(w, f"eval_{s}.json") for s in EVAL_SPLITS],
+          commands=_evaluate_commands,
+          summary=lambda w: {f"eval_{s}": _brief_eval(_json(_in(w, f"eval_{s}.json")))
+                             for s in EVAL_SPLITS},
+          after=("judge", "unified")),
 ]
 
 
@@ -443,6 +453,7 @@ def main(argv: list[str]) -> None:
         print(json.dumps(collect_answers(workdir)))
         return
     if FLAGS.last_metrics:
+        # Imported here: it loads jax (seconds), which the stage runner itself never needs.
         from unif2ace_jax.train.progress import read_metrics
 
         records = read_metrics(workdir)

@@ -35,8 +35,16 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags
+from ml_collections import config_flags
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax import cli
+from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
+from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.models.moe.seq_moe import dummy_features
+from unif2ace_jax.models.moe.token_moe import default_config as token_moe_default_config
+from unif2ace_jax.models.unified import build_model, default_features
+from unif2ace_jax.train.train import image_code_geometry
 
 GROUPS = ("und", "gen")
 
@@ -78,8 +86,6 @@ def resolve_text_vocab_size(config: ml_collections.ConfigDict,
         return int(tok.vocab_size)
     path = tok.get("model_path", "") or ""
     if path and os.path.isfile(path):
-        from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
-
         return int(make_text_tokenizer(tok.get("name", "sentencepiece"), path).vocab_size)
     assumed = int(config.get("assumed_text_vocab_size", 0) or 0)
     if assumed > 0:
@@ -89,13 +95,9 @@ def resolve_text_vocab_size(config: ml_collections.ConfigDict,
 
 
 def _init_features(model_config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
-    from unif2ace_jax.models.unified import default_features
-
     extra = {}
     seq = model_config.get("seq_moe", None)
     if seq is not None and seq.get("name", "none") == "grouped_seq_moe":
-        from unif2ace_jax.models.moe.seq_moe import dummy_features
-
         extra = dummy_features(seq, 1)
     extra = {k: v for k, v in extra.items() if k not in ("task", "mask_ratio")}
     return default_features(jnp.zeros((1,), jnp.int32), jnp.zeros((1,), jnp.float32), extra)
@@ -103,13 +105,9 @@ def _init_features(model_config: ml_collections.ConfigDict) -> dict[str, jax.Arr
 
 def abstract_params(config: ml_collections.ConfigDict, text_vocab_size: int) -> tuple[Any, Any]:
     """``(model, boxed abstract params)`` of ``config.model`` via `jax.eval_shape`."""
-    from unif2ace_jax.models.unified import build_model
-
     m = config.model
     k, grid = int(m.get("num_image_codes", 0)), int(m.get("image_grid", 0))
     if k <= 0 or grid <= 0:
-        from unif2ace_jax.train.train import image_code_geometry
-
         k, grid = image_code_geometry(config)
     model = build_model(m, text_vocab_size=text_vocab_size, num_image_codes=k, image_grid=grid)
     features = _init_features(m)
@@ -140,35 +138,41 @@ def summarize(config: ml_collections.ConfigDict, *,
     """Counts ``config.model``'s parameters by module (no arrays are allocated)."""
     text_v = resolve_text_vocab_size(config, text_vocab_size)
     model, boxed = abstract_params(config, text_v)
-    rows: "OrderedDict[str, int]" = OrderedDict(
-        (k, 0) for k in ("token embedding", "attention", "layer norms", "FFN (dense)"))
-    idle = {g: 0 for g in GROUPS}  # parameters a token of group g leaves unused
-    seq_experts: dict[str, int] = {}
-
-    ffn = config.model.ffn
-    moe = ffn.get("name", "dense") == "token_moe"
-    if moe:
-        from unif2ace_jax.models.moe.token_moe import default_config
-
-        tcfg = default_config()
-        tcfg.update(ffn)
-        num_routed, top_k = int(tcfg.num_routed), int(tcfg.top_k)
-        for name in ("token-MoE router", "token-MoE shared (und)", "token-MoE shared (gen)",
-                     "token-MoE routed (und)", "token-MoE routed (gen)"):
-            rows[name] = 0
-    seq = config.model.get("seq_moe", None)
-    seq_on = seq is not None and seq.get("name", "none") != "none"
-    if seq_on:
-        rows["seq-MoE router"] = 0
-        und, gen = tuple(seq.groups.und), tuple(seq.groups.gen)
-        n_cols = len(und) + len(gen)
-
-    def add(row: str, n: int) -> None:
-        rows[row] = rows.get(row, 0) + int(n)
-
+    counter = _ParamCounter(config.model)
     leaves = jax.tree_util.tree_leaves_with_path(
         boxed, is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
     for path, leaf in leaves:
+        counter.add_leaf(path, leaf)
+    return counter.summary(text_v, model.vocab.size)
+
+
+class _ParamCounter:
+    """Parameter counts by row, and per group the parameters a token of it leaves idle."""
+
+    def __init__(self, model_config: ml_collections.ConfigDict):
+        self.rows: "OrderedDict[str, int]" = OrderedDict(
+            (k, 0) for k in ("token embedding", "attention", "layer norms", "FFN (dense)"))
+        self.idle = {g: 0 for g in GROUPS}  # parameters a token of group g leaves unused
+        self.seq_experts: dict[str, int] = {}
+        ffn = model_config.ffn
+        self.moe = ffn.get("name", "dense") == "token_moe"
+        if self.moe:
+            tcfg = token_moe_default_config()
+            tcfg.update(ffn)
+            self.num_routed, self.top_k = int(tcfg.num_routed), int(tcfg.top_k)
+            for name in ("token-MoE router", "token-MoE shared (und)", "token-MoE shared (gen)",
+                         "token-MoE routed (und)", "token-MoE routed (gen)"):
+                self.rows[name] = 0
+        self.seq = model_config.get("seq_moe", None)
+        self.seq_on = self.seq is not None and self.seq.get("name", "none") != "none"
+        if self.seq_on:
+            self.rows["seq-MoE router"] = 0
+            self.und, self.gen = tuple(self.seq.groups.und), tuple(self.seq.groups.gen)
+
+    def add(self, row: str, n: int) -> None:
+        self.rows[row] = self.rows.get(row, 0) + int(n)
+
+    def add_leaf(self, path, leaf) -> None:
         names = tuple(leaf.names) if isinstance(leaf, nn.LogicallyPartitioned) else ()
         value = leaf.value if isinstance(leaf, nn.LogicallyPartitioned) else leaf
         n = int(np.prod(value.shape))
@@ -176,68 +180,73 @@ def summarize(config: ml_collections.ConfigDict, *,
         inner = [k for k in keys if not k.startswith("layers")]
         top = keys[0]
         if top == "embed_tokens":
-            add("token embedding", n)
+            self.add("token embedding", n)
         elif top == "lm_head":
-            add("lm head", n)
+            self.add("lm head", n)
         elif top == "final_layernorm" or (inner and inner[0].endswith("layernorm")):
-            add("layer norms", n)
+            self.add("layer norms", n)
         elif inner and inner[0] == "self_attn":
-            add("attention", n)
-        elif inner and inner[0] == "mlp" and moe:
-            pname = inner[-1]
-            if pname == "router":
-                add("token-MoE router", n)
-                for g in GROUPS:
-                    idle[g] += n // 2  # the other group's E columns
-            elif pname.startswith("routed_"):
-                halves = _split_first_axis(value, names, 2, "exp")
-                for g, h in zip(GROUPS, halves):
-                    add(f"token-MoE routed ({g})", h)
-                # own group: E - k of E experts idle; other group: all idle
-                idle["und"] += halves[1] + halves[0] * (num_routed - top_k) // num_routed
-                idle["gen"] += halves[0] + halves[1] * (num_routed - top_k) // num_routed
-            elif pname.startswith("shared_"):
-                halves = _split_first_axis(value, names, 2, None)
-                for g, h in zip(GROUPS, halves):
-                    add(f"token-MoE shared ({g})", h)
-                idle["und"] += halves[1]
-                idle["gen"] += halves[0]
-            else:
-                add("other", n)
+            self.add("attention", n)
+        elif inner and inner[0] == "mlp" and self.moe:
+            self._add_token_moe(inner[-1], value, names, n)
         elif inner and inner[0] == "mlp":
-            add("FFN (dense)", n)
-        elif inner and inner[0] == "seq_moe" and seq_on:
-            if len(inner) >= 2 and inner[1] == "router":
-                add("seq-MoE router", n)
-                idle["und"] += n * len(gen) // n_cols
-                idle["gen"] += n * len(und) // n_cols
-            elif len(inner) >= 2 and inner[1].startswith("expert_"):
-                expert = inner[1][len("expert_"):]
-                add(f"seq-MoE expert {expert}", n)
-                seq_experts[expert] = seq_experts.get(expert, 0) + n
-            else:
-                add("other", n)
+            self.add("FFN (dense)", n)
+        elif inner and inner[0] == "seq_moe" and self.seq_on:
+            self._add_seq_moe(inner, n)
         else:
-            add("other", n)
+            self.add("other", n)
 
-    if seq_on:
-        k = int(seq.get("top_k", 2))
-        for g, own in (("und", und), ("gen", gen)):
-            counted = sorted((seq_experts.get(e, 0) for e in dict.fromkeys(own)),
-                             reverse=True)[:k]
-            idle[g] += sum(seq_experts.values()) - sum(counted)
-    rows = OrderedDict((k, v) for k, v in rows.items() if v or k in ("token embedding",
-                                                                      "attention"))
-    total = sum(rows.values())
-    return ParamSummary(rows=rows, total=total, active={g: total - idle[g] for g in GROUPS},
-                        text_vocab_size=text_v, vocab_size=model.vocab.size)
+    def _add_token_moe(self, pname: str, value, names: tuple, n: int) -> None:
+        if pname == "router":
+            self.add("token-MoE router", n)
+            for g in GROUPS:
+                self.idle[g] += n // 2  # the other group's E columns
+        elif pname.startswith("routed_"):
+            halves = _split_first_axis(value, names, 2, "exp")
+            for g, h in zip(GROUPS, halves):
+                self.add(f"token-MoE routed ({g})", h)
+            # own group: E - k of E experts idle; other group: all idle
+            unpicked = self.num_routed - self.top_k
+            self.idle["und"] += halves[1] + halves[0] * unpicked // self.num_routed
+            self.idle["gen"] += halves[0] + halves[1] * unpicked // self.num_routed
+        elif pname.startswith("shared_"):
+            halves = _split_first_axis(value, names, 2, None)
+            for g, h in zip(GROUPS, halves):
+                self.add(f"token-MoE shared ({g})", h)
+            self.idle["und"] += halves[1]
+            self.idle["gen"] += halves[0]
+        else:
+            self.add("other", n)
+
+    def _add_seq_moe(self, inner: list[str], n: int) -> None:
+        if len(inner) >= 2 and inner[1] == "router":
+            self.add("seq-MoE router", n)
+            n_cols = len(self.und) + len(self.gen)
+            self.idle["und"] += n * len(self.gen) // n_cols
+            self.idle["gen"] += n * len(self.und) // n_cols
+        elif len(inner) >= 2 and inner[1].startswith("expert_"):
+            expert = inner[1][len("expert_"):]
+            self.add(f"seq-MoE expert {expert}", n)
+            self.seq_experts[expert] = self.seq_experts.get(expert, 0) + n
+        else:
+            self.add("other", n)
+
+    def summary(self, text_vocab_size: int, vocab_size: int) -> ParamSummary:
+        idle = dict(self.idle)
+        if self.seq_on:
+            k = int(self.seq.get("top_k", 2))
+            for g, own in (("und", self.und), ("gen", self.gen)):
+                counted = sorted((self.seq_experts.get(e, 0) for e in dict.fromkeys(own)),
+                                 reverse=True)[:k]
+                idle[g] += sum(self.seq_experts.values()) - sum(counted)
+        rows = OrderedDict((k, v) for k, v in self.rows.items()
+                           if v or k in ("token embedding", "attention"))
+        total = sum(rows.values())
+        return ParamSummary(rows=rows, total=total, active={g: total - idle[g] for g in GROUPS},
+                            text_vocab_size=text_vocab_size, vocab_size=vocab_size)
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from unif2ace_jax import cli
-
     cli.no_positional(argv)
     config = cli.require_config(_CONFIG, "configs/unif2ace_1p8b.py")
     summary = summarize(config, text_vocab_size=flags.FLAGS.text_vocab_size)
@@ -245,11 +254,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
-    from ml_collections import config_flags
-
-    from unif2ace_jax.errors import run_cli
-
     _CONFIG = config_flags.DEFINE_config_file("config", None, "Model config file.",
                                               lock_config=True)
     flags.DEFINE_integer("text_vocab_size", None,

@@ -37,6 +37,7 @@ import struct
 from typing import Any, Mapping
 
 import numpy as np
+from absl import flags
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders.clip_vision import CLIPVisionSettings, save_clip_vision
@@ -201,8 +202,6 @@ def convert_directory(hf_dir: str, out_dir: str) -> CLIPVisionSettings:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
     del argv
     f = flags.FLAGS
     if not f.hf_dir or not f.out:
@@ -213,8 +212,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
     from unif2ace_jax.errors import run_cli
 
     flags.DEFINE_string("hf_dir", None, "local save_pretrained directory of a HF CLIP model")

@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
-from absl import flags
+import numpy as np
+from absl import flags, logging
+from PIL import Image
 
 from unif2ace_jax.errors import UserError, run_cli
 
@@ -48,8 +51,6 @@ FLAGS = flags.FLAGS
 
 
 def main(argv: list[str]) -> None:
-    from absl import logging
-
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset_info load at INFO
     args = argv[1:]
@@ -112,8 +113,6 @@ def _train_tokenizer() -> None:
 
 
 def _inspect() -> None:
-    import numpy as np
-
     from unif2ace_jax.data import records
 
     data_dir = _require("data_dir")
@@ -157,10 +156,6 @@ def _export() -> None:
     """Writes the first `--num` records of `--split` as ``face_<i>.png`` plus ``faces.json``
     (per face: file, caption, attributes, QA pairs), e.g. to try `ask` on faces with known
     answers. The directory is filled through a temporary sibling and renamed at the end."""
-    import shutil
-
-    from PIL import Image
-
     from unif2ace_jax.data import records
 
     data_dir = _require("data_dir")

@@ -34,6 +34,8 @@ import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
+import tensorflow_datasets as tfds
+from tqdm import tqdm
 
 from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError
@@ -42,8 +44,6 @@ ComputeFn = Callable[[dict[str, np.ndarray]], Mapping[str, Any]]
 
 
 def _open_source(src: Any):
-    import tensorflow_datasets as tfds
-
     if isinstance(src, tfds.core.DatasetBuilder):
         path = os.fspath(src.data_dir)
     else:
@@ -141,12 +141,45 @@ def derive_dataset(
     Returns:
       the directory of the new dataset version.
     """
-    from tqdm import tqdm
-
     if batch_size <= 0 or chunk_batches <= 0:
         raise UserError("batch_size and chunk_batches must be positive")
     src_builder = _open_source(src)
-    src_features = src_builder.info.features
+    _check_fields(src_builder.info.features, input_fields, extra_features)
+    config_name = src_builder.info.config_name or None
+    sub = [config_name] if config_name else []
+    final_dir = os.path.join(dst_data_dir, name, *sub, str(src_builder.info.version))
+    if os.path.isfile(os.path.join(final_dir, "dataset_info.json")):
+        return final_dir
+    splits = list(splits) if splits is not None else list(src_builder.info.splits.keys())
+    unknown = sorted(set(splits) - set(src_builder.info.splits.keys()))
+    if unknown:
+        raise UserError(f"source has no split(s) {unknown}")
+    work_dir = work_dir or os.path.join(dst_data_dir, ".derive_work", name, *sub)
+    os.makedirs(work_dir, exist_ok=True)
+    chunk = batch_size * chunk_batches
+    sizes = {s: int(src_builder.info.splits[s].num_examples) for s in splits}
+    _claim_work_dir(work_dir, {
+        "source": os.path.abspath(os.fspath(src_builder.data_dir)),
+        "splits": sizes,
+        "chunk": chunk,
+        "batch_size": batch_size,
+        "extra_features": {k: _feature_spec(v) for k, v in extra_features.items()},
+    })
+    sources = {s: records.encoded_source(src_builder, s) for s in splits}
+    # 1. Compute and cache chunks.
+    _compute_chunks(sources, sizes, work_dir, chunk, batch_size, input_fields, extra_features,
+                    compute_fn, desc=f"deriving {name}", progress=progress)
+    # 2. Write the new dataset from the source records and the cache.
+    builder = _derived_builder_class(name, src_builder, extra_features, sources, work_dir, chunk)(
+        data_dir=dst_data_dir, file_format="array_record"
+    )
+    builder.download_and_prepare()
+    _clean_up(dst_data_dir, work_dir, keep_cache)
+    return final_dir
+
+
+def _check_fields(src_features, input_fields: Sequence[str],
+                  extra_features: Mapping[str, Any]) -> None:
     for field in input_fields:
         if field not in src_features:
             known = ", ".join(src_features.keys())
@@ -154,27 +187,10 @@ def derive_dataset(
     clash = sorted(set(extra_features) & set(src_features.keys()))
     if clash:
         raise UserError(f"extra features {clash} already exist in the source")
-    config_name = src_builder.info.config_name or None
-    version = str(src_builder.info.version)
-    final_dir = os.path.join(dst_data_dir, name, *([config_name] if config_name else []), version)
-    if os.path.isfile(os.path.join(final_dir, "dataset_info.json")):
-        return final_dir
-    splits = list(splits) if splits is not None else list(src_builder.info.splits.keys())
-    unknown = sorted(set(splits) - set(src_builder.info.splits.keys()))
-    if unknown:
-        raise UserError(f"source has no split(s) {unknown}")
-    sub = [config_name] if config_name else []
-    work_dir = work_dir or os.path.join(dst_data_dir, ".derive_work", name, *sub)
-    os.makedirs(work_dir, exist_ok=True)
-    chunk = batch_size * chunk_batches
-    sizes = {s: int(src_builder.info.splits[s].num_examples) for s in splits}
-    manifest = {
-        "source": os.path.abspath(os.fspath(src_builder.data_dir)),
-        "splits": sizes,
-        "chunk": chunk,
-        "batch_size": batch_size,
-        "extra_features": {k: _feature_spec(v) for k, v in extra_features.items()},
-    }
+
+
+def _claim_work_dir(work_dir: str, manifest: dict) -> None:
+    """Writes `manifest.json` into a new work dir; UserError if it holds another run's chunks."""
     mpath = os.path.join(work_dir, "manifest.json")
     if os.path.exists(mpath):
         if json.load(open(mpath)) != manifest:
@@ -187,17 +203,20 @@ def derive_dataset(
             json.dump(manifest, f, indent=1, sort_keys=True)
         os.replace(mpath + ".tmp", mpath)
 
-    sources = {s: records.encoded_source(src_builder, s) for s in splits}
 
-    # 1. Compute and cache chunks.
+def _compute_chunks(sources: Mapping[str, Any], sizes: Mapping[str, int], work_dir: str,
+                    chunk: int, batch_size: int, input_fields: Sequence[str],
+                    extra_features: Mapping[str, Any], compute_fn: ComputeFn, *, desc: str,
+                    progress: bool) -> None:
+    """Computes and caches every chunk not cached yet, in split then record order."""
     todo = []
-    for s in splits:
+    for s in sources:
         os.makedirs(os.path.join(work_dir, s), exist_ok=True)
         for k in range(-(-sizes[s] // chunk)):
             if not os.path.exists(_chunk_path(work_dir, s, k)):
                 todo.append((s, k))
     total = sum(min(chunk, sizes[s] - k * chunk) for s, k in todo)
-    with tqdm(total=total, desc=f"deriving {name}", unit="ex", disable=not progress) as bar:
+    with tqdm(total=total, desc=desc, unit="ex", disable=not progress) as bar:
         for s, k in todo:
             start, stop = k * chunk, min((k + 1) * chunk, sizes[s])
             parts: dict[str, list[np.ndarray]] = {n: [] for n in extra_features}
@@ -212,11 +231,9 @@ def derive_dataset(
                 bar.update(n)
             _atomic_savez(_chunk_path(work_dir, s, k), {f: np.concatenate(v) for f, v in parts.items()})
 
-    # 2. Write the new dataset from the source records and the cache.
-    builder = _derived_builder_class(name, src_builder, extra_features, sources, work_dir, chunk)(
-        data_dir=dst_data_dir, file_format="array_record"
-    )
-    builder.download_and_prepare()
+
+def _clean_up(dst_data_dir: str, work_dir: str, keep_cache: bool) -> None:
+    """Removes an empty TFDS downloads dir and, unless `keep_cache`, the chunk cache."""
     downloads = os.path.join(dst_data_dir, "downloads")
     if os.path.isdir(downloads) and not any(files for _, _, files in os.walk(downloads)):
         shutil.rmtree(downloads, ignore_errors=True)
@@ -227,7 +244,6 @@ def derive_dataset(
         while parent.startswith(stop + os.sep) and os.path.isdir(parent) and not os.listdir(parent):
             os.rmdir(parent)
             parent = os.path.dirname(parent)
-    return final_dir
 
 
 def _chunk_path(work_dir: str, split: str, k: int) -> str:
@@ -235,8 +251,6 @@ def _chunk_path(work_dir: str, split: str, k: int) -> str:
 
 
 def _derived_builder_class(name, src_builder, extra_features, sources, work_dir, chunk):
-    import tensorflow_datasets as tfds
-
     src_info = src_builder.info
     config_name = src_info.config_name or None
     feats = {k: src_info.features[k] for k in src_info.features.keys()}

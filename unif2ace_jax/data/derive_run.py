@@ -14,6 +14,8 @@ import json
 import os
 from typing import Any, Callable, Mapping, Sequence
 
+from absl import flags
+
 from unif2ace_jax.errors import UserError
 
 
@@ -91,8 +93,6 @@ def cli_splits(argv: list[str], required: Sequence[str]) -> tuple[Any, list[str]
 
     UserError for positional arguments or an empty flag of `required`, in that order.
     """
-    from absl import flags
-
     from unif2ace_jax import cli
 
     cli.no_positional(argv)

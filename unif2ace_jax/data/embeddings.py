@@ -33,6 +33,7 @@ import os
 from typing import Mapping, Sequence
 
 import numpy as np
+from absl import flags
 
 from unif2ace_jax.errors import UserError
 
@@ -167,8 +168,6 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("data_dir", None, "TFDS data_dir of the source dataset.")
     flags.DEFINE_string("dataset", None, "Source dataset: name or name/config.")
     flags.DEFINE_string("encoders", None, "Comma-separated encoder names "

@@ -30,6 +30,7 @@ from typing import Any, Callable, Mapping
 import grain
 import jax
 import numpy as np
+from PIL import Image
 
 from unif2ace_jax.data.records import as_str, decode_image
 from unif2ace_jax.errors import UserError
@@ -152,7 +153,6 @@ def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """Bilinear (antialiased) resize of uint8 [H, W, 3] to [size, size, 3]."""
     if image.shape[0] == size and image.shape[1] == size:
         return image
-    from PIL import Image
 
     return np.asarray(Image.fromarray(image).resize((size, size), Image.BILINEAR), np.uint8)
 

@@ -11,6 +11,10 @@
 
 from __future__ import annotations
 
+import sys
+import threading
+
+import grain
 import numpy as np
 
 _M64 = (1 << 64) - 1
@@ -54,8 +58,6 @@ class EpochShuffle:
     """
 
     def __init__(self, n: int, seed: int):
-        import threading
-
         self.n, self.seed = n, seed
         self._cache: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
@@ -83,10 +85,6 @@ class EpochShuffle:
 
 def shuffled_forever(ds, seed: int):
     """`ds` (a grain MapDataset of n records) as an infinite stream of EpochShuffle epochs."""
-    import sys
-
-    import grain
-
     return grain.MapDataset.range(sys.maxsize).map(_Lookup(ds, EpochShuffle(len(ds), seed)))
 
 

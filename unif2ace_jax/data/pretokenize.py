@@ -22,6 +22,7 @@ import hashlib
 import os
 
 import numpy as np
+from absl import flags
 
 from unif2ace_jax.errors import UserError
 
@@ -93,8 +94,6 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("tokenizer_workdir", None, "Trained tokenizer (its training workdir).")
     flags.DEFINE_string("data_dir", None, "TFDS data_dir of the source dataset.")
     flags.DEFINE_string("dataset", None, "Source dataset: name or name/config.")

@@ -28,9 +28,11 @@ from __future__ import annotations
 import io
 import json
 import os
+import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from unif2ace_jax.errors import UserError
 
@@ -80,8 +82,6 @@ def code_path_of(cls) -> "epath.Path":  # noqa: F821
     TFDS 4.9.10's own `code_path` imports the `importlib_resources` backport on Python >= 3.9,
     where it is not installed; builders here override `code_path` with this instead.
     """
-    import sys
-
     from etils import epath
 
     return epath.Path(sys.modules[cls.__module__].__file__)
@@ -149,8 +149,6 @@ def make_record(
 
 def encode_png(image: np.ndarray) -> bytes:
     """uint8 [H, W, 3] -> PNG bytes."""
-    from PIL import Image
-
     image = np.asarray(image)
     if image.dtype != np.uint8 or image.ndim != 3 or image.shape[-1] != 3:
         raise ValueError(f"expected uint8 [H, W, 3], got {image.dtype} {image.shape}")
@@ -169,8 +167,6 @@ def decode_image(data: bytes, *, source: str = "image", size: int | None = None)
     Raises:
       UserError: the bytes are not a decodable image, naming `source`.
     """
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(io.BytesIO(data)) as im:
             im.load()
@@ -184,8 +180,6 @@ def decode_image(data: bytes, *, source: str = "image", size: int | None = None)
 
 
 def _square_resize(im, size: int):
-    from PIL import Image
-
     w, h = im.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2

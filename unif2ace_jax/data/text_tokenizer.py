@@ -29,6 +29,8 @@ import re
 import tempfile
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
+import sentencepiece as spm
+
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
 
@@ -66,8 +68,6 @@ class SentencePieceTokenizer:
     """
 
     def __init__(self, model_path: str | os.PathLike):
-        import sentencepiece as spm
-
         model_path = os.fspath(model_path)
         if not os.path.isfile(model_path):
             raise UserError(
@@ -107,8 +107,6 @@ class SentencePieceTokenizer:
         return {"model_path": self.model_path, "proto": self._proto}
 
     def __setstate__(self, state: dict) -> None:
-        import sentencepiece as spm
-
         self.model_path = state["model_path"]
         self._proto = state["proto"]
         self._sp = spm.SentencePieceProcessor()
@@ -341,19 +339,7 @@ def train_sentencepiece(
     Returns:
       out_path as a string.
     """
-    import sentencepiece as spm
-
-    if model_type not in MODEL_TYPES:
-        raise UserError(
-            f"unknown SentencePiece model type {model_type!r}; known: {', '.join(MODEL_TYPES)}"
-        )
-    if vocab_size < 2:
-        raise UserError(f"vocab_size must be >= 2, got {vocab_size}")
-    out_path = os.fspath(out_path)
-    out_dir = os.path.dirname(os.path.abspath(out_path))
-    if not os.path.isdir(out_dir):
-        raise UserError(f"output directory does not exist: {out_dir}")
-
+    out_dir = _check_training_args(model_type, vocab_size, out_path)
     counter = {"n": 0}
 
     def sentences() -> Iterator[str]:
@@ -386,24 +372,46 @@ def train_sentencepiece(
             minloglevel=2,
         )
     except RuntimeError as e:
-        msg = str(e)
-        if counter["n"] == 0:
-            raise UserError("no text to train the SentencePiece model on (empty corpus)") from None
-        m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
-        if m:
-            raise UserError(
-                f"vocab_size {m.group(1)} is too large for this corpus "
-                f"({counter['n']} texts); use at most {m.group(2)}"
-            ) from None
-        raise UserError(f"SentencePiece training failed: {' '.join(msg.split())[:300]}") from None
+        raise _training_error(str(e), counter["n"]) from None
+    out_path = os.fspath(out_path)
+    _write_atomically(out_path, out_dir, model.getvalue())
+    return out_path
 
+
+def _check_training_args(model_type: str, vocab_size: int, out_path: str | os.PathLike) -> str:
+    """UserError for a bad model type, vocabulary size or output directory; returns the latter."""
+    if model_type not in MODEL_TYPES:
+        raise UserError(
+            f"unknown SentencePiece model type {model_type!r}; known: {', '.join(MODEL_TYPES)}"
+        )
+    if vocab_size < 2:
+        raise UserError(f"vocab_size must be >= 2, got {vocab_size}")
+    out_dir = os.path.dirname(os.path.abspath(os.fspath(out_path)))
+    if not os.path.isdir(out_dir):
+        raise UserError(f"output directory does not exist: {out_dir}")
+    return out_dir
+
+
+def _training_error(msg: str, num_texts: int) -> UserError:
+    """The UserError for SentencePiece's training error `msg` on `num_texts` texts."""
+    if num_texts == 0:
+        return UserError("no text to train the SentencePiece model on (empty corpus)")
+    m = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", msg)
+    if m:
+        return UserError(
+            f"vocab_size {m.group(1)} is too large for this corpus "
+            f"({num_texts} texts); use at most {m.group(2)}"
+        )
+    return UserError(f"SentencePiece training failed: {' '.join(msg.split())[:300]}")
+
+
+def _write_atomically(out_path: str, out_dir: str, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".model", dir=out_dir)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(model.getvalue())
+            f.write(data)
         os.replace(tmp, out_path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    return out_path

@@ -26,6 +26,7 @@ example i depends only on (seed, split, i)).
 from __future__ import annotations
 
 import dataclasses
+import multiprocessing
 
 import tensorflow_datasets as tfds
 
@@ -106,8 +107,6 @@ class Synthface(tfds.core.GeneratorBasedBuilder):
         cfg = self.builder_config
         jobs = [(cfg.seed, i, cfg.image_size, split) for i in range(num)]
         if self.num_workers > 1 and num >= 4 * _POOL_CHUNK:
-            import multiprocessing
-
             # spawn: safe even when the parent has started threads (JAX, grain).
             with multiprocessing.get_context("spawn").Pool(self.num_workers) as pool:
                 yield from enumerate(pool.imap(_record, jobs, chunksize=_POOL_CHUNK))

@@ -9,6 +9,8 @@ direction the face points as the viewer sees it ("left" = towards the image's le
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 
 from unif2ace_jax.errors import UserError
@@ -88,8 +90,6 @@ def is_heldout(attributes: dict[str, str]) -> bool:
 
 def heldout_probability() -> float:
     """Exact probability that `sample_attributes` yields a held-out face (inclusion-exclusion)."""
-    import itertools
-
     total = 0.0
     for k in range(1, len(HELDOUT_COMBOS) + 1):
         for subset in itertools.combinations(HELDOUT_COMBOS, k):
