@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from unif2ace_jax.losses import d3diff_loss
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.unified import build_model
 from unif2ace_jax.losses.unified import (default_loss_config, loss_from_inputs,

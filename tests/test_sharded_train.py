@@ -12,7 +12,7 @@ import pytest
 CODE = r"""
 import json
 import jax, jax.numpy as jnp, numpy as np, ml_collections
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.models.unified import build_model
 from unif2ace_jax.parallel.mesh import make_mesh
 from unif2ace_jax.parallel import rules as rules_lib
