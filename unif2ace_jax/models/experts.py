@@ -250,7 +250,7 @@ def default_feature_config() -> ml_collections.ConfigDict:
     ``feature_key`` has none (it must be given). ``encoder_config`` goes to the encoder whole."""
     return ml_collections.ConfigDict(dict(
         kind="feature", feature_key="", feature_dim=None, encoder="precomputed",
-        encoder_config=None, resampler="mlp", resampler_hidden=0, num_heads=4,
+        encoder_config=dict(), resampler="mlp", resampler_hidden=0, num_heads=4,
         feature_norm=True))
 
 
