@@ -20,18 +20,23 @@ fields (precomputed by the frozen encoders named in FEATURE_ENCODERS; `data.extr
 them); `off=clip+face` trains without them. The noise expert needs nothing from the records.
 """
 
-import importlib.util
 import os
 
 import ml_collections
 
+from unif2ace_jax import optim
+from unif2ace_jax.cli import load_config
+from unif2ace_jax.losses import unified as unified_loss
+from unif2ace_jax.models import backbone
+from unif2ace_jax.models import experts as experts_lib
+from unif2ace_jax.models.moe import seq_moe, token_moe
+from unif2ace_jax.sampling import t2i
+from unif2ace_jax.utils.defaults import with_defaults
+
 
 def _data_config(arg):
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data_synthface.py")
-    spec = importlib.util.spec_from_file_location("data_synthface", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg).data
+    return load_config(path, arg).data
 
 
 MOE_SETTINGS = ("none", "token", "seq", "both")
@@ -79,13 +84,8 @@ def _apply_moe(config: ml_collections.ConfigDict, opts: dict) -> None:
     """
     moe, hidden = opts["moe"], int(config.model.ffn.hidden)
     if moe in ("token", "both"):
-        config.model.ffn = ml_collections.ConfigDict(dict(
-            name="token_moe", num_routed=8, num_shared=1, top_k=4,
-            shared_hidden=hidden // 2, routed_hidden=hidden // 8,
-            dispatch="ragged",  # ragged (dropless) | capacity
-            capacity_factor=1.25, capacity_method="gather", grouped_matmul="auto",
-            block_size=128, renormalize=True,
-            balance_weight_gen=0.01, balance_weight_und=0.01, z_loss_weight=1e-3, use_bias=True))
+        config.model.ffn = with_defaults(token_moe.default_config(), dict(
+            shared_hidden=hidden // 2, routed_hidden=hidden // 8), "model.ffn")
     off = [n for n in opts["off"].split("+") if n]
     drop = [n for n in opts["drop"].split("+") if n]
     if moe not in ("seq", "both"):
@@ -100,8 +100,7 @@ def _apply_moe(config: ml_collections.ConfigDict, opts: dict) -> None:
     groups = {g: ["zero" if n in off else n for n in names if n not in drop]
               for g, names in groups.items()}
     noise_dim = 64 if opts["tiny"] else 256
-    feature = dict(kind="feature", resampler="mlp", resampler_hidden=0, num_heads=4,
-                   feature_norm=True, encoder_config=dict())
+    feature = experts_lib.default_feature_config().to_dict()
     experts = dict(noise=dict(feature, feature_key="mask_ratio", feature_dim=noise_dim,
                               encoder="noise", encoder_config=dict(
                                   dim=noise_dim, max_period=10000.0, scale=1000.0)))
@@ -110,10 +109,7 @@ def _apply_moe(config: ml_collections.ConfigDict, opts: dict) -> None:
                             feature_dim=TINY_FEATURE_DIM if opts["tiny"] else dim,
                             encoder=_encoder_name(encoder))
     used = {n for names in groups.values() for n in names}
-    config.model.seq_moe = ml_collections.ConfigDict(dict(
-        name="grouped_seq_moe", groups=groups, experts=experts, top_k=2, renormalize=True,
-        balance_weight_und=0.01, balance_weight_gen=0.01, task_key="task",
-        pool_mask_key="pool_mask"))
+    config.model.seq_moe = seq_moe.full_config(dict(groups=groups, experts=experts))
     config.data.extra_fields = tuple(k for k in FEATURE_ENCODERS if k in used)
 
 
@@ -152,15 +148,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.batch_size = 32
     config.data.eval_batch_size = 100
 
-    config.model = ml_collections.ConfigDict(dict(
+    config.model = backbone.full_model_config(dict(
         num_image_codes=1024, image_grid=8,  # 0 = take them from the tokenizer
         vocab_pad_to_multiple=8,
-        d_model=128, num_layers=4, num_heads=4,
+        d_model=128, num_layers=4,
         ffn=dict(name="dense", hidden=512),
-        seq_moe=dict(name="none"),
-        block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
-        dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
-        remat_policy="none", scan_layers=True, group_assignment="task", position_mode="valid",
         # A learned row per image place: without it a fully masked canvas is 64 identical
         # [MASK] inputs and the caption's words (but the background) go unused (README).
         image_position_embedding=True,
@@ -168,22 +160,19 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         # against 1.54, generation 0.507 against 0.48 (mean of 3 seeds, README).
         image_code_embedding="table+bits", image_code_logits="table+bits"))
 
-    config.loss = ml_collections.ConfigDict(dict(
-        w_t2i=1.0, w_mmu=1.0, w_lm=0.1, alpha=0.01, mask_weight=1.0, schedule="cosine",
-        score_parameterization="free", cond_dropout=0.1, masking="count"))
+    config.loss = unified_loss.default_config()
 
-    config.optim = ml_collections.ConfigDict(dict(
-        lr=4e-3, warmup_steps=60, end_lr_factor=0.05, b1=0.9, b2=0.98, eps=1e-8,
-        weight_decay=0.01, grad_clip=1.0, accumulation_steps=1))
+    config.optim = optim.full_config(dict(
+        lr=4e-3, warmup_steps=60, end_lr_factor=0.05, b2=0.98, weight_decay=0.01,
+        grad_clip=1.0))
 
     config.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1, "expert": 1})
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = ()
 
     # Defaults of generate / evaluate.
-    config.sampling = ml_collections.ConfigDict(dict(
-        sampler="maskgit", steps=8, guidance=1.5, noise_temperature=1.0, sample_temperature=1.0,
-        schedule="cosine", max_answer_tokens=6))
+    config.sampling = with_defaults(t2i.default_config(), dict(
+        steps=8, guidance=1.5, max_answer_tokens=6), "sampling")
 
     if tiny:
         config.total_steps = 4

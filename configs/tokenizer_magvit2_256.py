@@ -10,19 +10,17 @@ Its parameter names and shapes map one-to-one onto Show-o's released weights (se
 `tiny` keeps the 5-level layout with very small widths (tests).
 """
 
-import importlib.util
 import os
 
 import ml_collections
+
+from unif2ace_jax.cli import load_config
 
 
 def _base_config() -> ml_collections.ConfigDict:
     """The 64 px config (sibling file; loaded by path so this works from any directory)."""
     path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tokenizer_synthface_64.py")
-    spec = importlib.util.spec_from_file_location("_tokenizer_synthface_64", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config()
+    return load_config(path)
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:

@@ -38,6 +38,19 @@ dataset like every training run).
 
 import ml_collections
 
+from unif2ace_jax import optim
+from unif2ace_jax.losses import unified as unified_loss
+from unif2ace_jax.models import backbone
+from unif2ace_jax.models import experts as experts_lib
+from unif2ace_jax.models.moe import seq_moe, token_moe
+from unif2ace_jax.sampling import t2i
+from unif2ace_jax.utils.defaults import with_defaults
+
+
+def _feature_expert(**fields) -> dict:
+    return with_defaults(experts_lib.default_feature_config(), dict(
+        fields, resampler_hidden=256)).to_dict()
+
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     tiny = arg == "tiny"
@@ -78,56 +91,31 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     data.tokenizer = ml_collections.ConfigDict(dict(
         name="sentencepiece", model_path="runs/data/unif2ace_text.model", vocab_size=0))
 
-    config.model = ml_collections.ConfigDict(dict(
+    config.model = backbone.full_model_config(dict(
         num_image_codes=8192, image_grid=16,
         vocab_pad_to_multiple=256,  # embedding / lm-head rows divide any tensor axis up to 256
         d_model=2048, num_layers=24, num_heads=32,
-        ffn=dict(
-            name="token_moe", num_routed=8, num_shared=1, top_k=4, shared_hidden=1536,
-            routed_hidden=512,
-            dispatch="ragged",  # dropless (ragged_dot on TPU/GPU) | capacity (static shapes)
-            capacity_factor=1.25, capacity_method="gather", grouped_matmul="auto",
-            block_size=128, renormalize=True, balance_weight_gen=0.01, balance_weight_und=0.01,
-            z_loss_weight=1e-3, use_bias=True),
-        seq_moe=dict(
-            name="grouped_seq_moe",
-            groups=dict(und=["copy", "copy", "clip", "face"],
-                        gen=["copy", "copy", "zero", "noise"]),
-            experts=dict(
-                clip=dict(kind="feature", feature_key="clip", feature_dim=768,
-                          encoder="precomputed", encoder_config=dict(), resampler="mlp",
-                          resampler_hidden=256, num_heads=4, feature_norm=True),
-                face=dict(kind="feature", feature_key="face", feature_dim=512,
-                          encoder="precomputed", encoder_config=dict(), resampler="mlp",
-                          resampler_hidden=256, num_heads=4, feature_norm=True),
-                noise=dict(kind="feature", feature_key="mask_ratio", feature_dim=256,
-                           encoder="noise",
-                           encoder_config=dict(dim=256, max_period=10000.0, scale=1000.0),
-                           resampler="mlp", resampler_hidden=256, num_heads=4,
-                           feature_norm=True)),
-            top_k=2, renormalize=True, balance_weight_und=0.01, balance_weight_gen=0.01,
-            task_key="task", pool_mask_key="pool_mask"),
-        block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
-        dropout_rate=0.0, init_std=0.02, dtype="bfloat16", param_dtype="float32",
-        remat_policy="dots_with_no_batch_dims_saveable", scan_layers=True,
-        group_assignment="task", position_mode="valid"))
+        ffn=with_defaults(token_moe.default_config(), dict(
+            shared_hidden=1536, routed_hidden=512)),  # dispatch ragged: ragged_dot on TPU/GPU
+        seq_moe=seq_moe.full_config(dict(experts=dict(
+            clip=_feature_expert(feature_key="clip", feature_dim=768),
+            face=_feature_expert(feature_key="face", feature_dim=512),
+            noise=_feature_expert(
+                feature_key="mask_ratio", feature_dim=256, encoder="noise",
+                encoder_config=dict(dim=256, max_period=10000.0, scale=1000.0))))),
+        dtype="bfloat16", remat_policy="dots_with_no_batch_dims_saveable"))
 
-    config.loss = ml_collections.ConfigDict(dict(
-        w_t2i=1.0, w_mmu=1.0, w_lm=0.1, alpha=0.01, mask_weight=1.0, schedule="cosine",
-        score_parameterization="free", cond_dropout=0.1, masking="count"))
+    config.loss = unified_loss.default_config()
 
-    config.optim = ml_collections.ConfigDict(dict(
-        lr=5e-5, warmup_steps=1000, end_lr_factor=0.1, b1=0.9, b2=0.999, eps=1e-8,
-        weight_decay=0.01, grad_clip=1.0, accumulation_steps=1))
+    config.optim = optim.full_config(dict(
+        lr=5e-5, warmup_steps=1000, end_lr_factor=0.1, weight_decay=0.01, grad_clip=1.0))
 
     config.mesh = ml_collections.ConfigDict({"data": 1, "fsdp": -1, "tensor": 1, "expert": 1})
     config.dcn_mesh = ml_collections.ConfigDict()  # e.g. {"data": 2} for two slices
     config.sharding = ml_collections.ConfigDict()
     config.sharding.rules = ()
 
-    config.sampling = ml_collections.ConfigDict(dict(
-        sampler="maskgit", steps=16, guidance=1.75, noise_temperature=1.0,
-        sample_temperature=1.0, schedule="cosine", max_answer_tokens=128))
+    config.sampling = with_defaults(t2i.default_config(), dict(max_answer_tokens=128))
 
     if tiny:
         config.total_steps = 4

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.backbone import (SEQ_MOE_SLOTS, build_backbone, default_model_config,
+from unif2ace_jax.models.backbone import (SEQ_MOE_SLOTS, build_backbone,
+                                          default_config as default_model_config,
                                           image_token_index,
                                           stack_layer_params, unstack_layer_params)
 from unif2ace_jax.models.ffn import FFN_SLOTS

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 import unified_env
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.sequences import build_t2i_prompt
 from unif2ace_jax.models.unified import build_model

@@ -8,7 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from unif2ace_jax.models.backbone import (build_backbone, default_model_config,
+from unif2ace_jax.models.backbone import (build_backbone,
+                                          default_config as default_model_config,
                                           unstack_layer_params)
 from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.sequences import build_mmu_prefix

@@ -8,7 +8,7 @@ import ml_collections
 import pytest
 
 import unified_env
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.summary import summarize
 
 TINY = unified_env.load_config_module("synthface_tiny")

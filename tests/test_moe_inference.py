@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import unified_env
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.models.sequences import TASK_LM, TASK_MMU, TASK_T2I
 from unif2ace_jax.models.unified import UnifiedModel, build_model, masked_fraction
 from unif2ace_jax.sampling.t2i import absent_features, sample_codes

@@ -141,7 +141,7 @@ def test_routing_counter_matches_hand_counts():
     """Per-layer fractions from sown counts of two batches, against a hand computation."""
     import jax.numpy as jnp
 
-    from unif2ace_jax.models.backbone import default_model_config
+    from unif2ace_jax.models.backbone import default_config as default_model_config
     from unif2ace_jax.models.unified import build_model
 
     cfg = default_model_config()

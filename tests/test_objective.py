@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 
 from unif2ace_jax.losses import d3diff_loss
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.unified import build_model
-from unif2ace_jax.losses.unified import (default_loss_config, loss_from_inputs,
+from unif2ace_jax.losses.unified import (default_config as default_loss_config,
+                                         loss_from_inputs,
                                           prepare_inputs, unified_loss)
 
 TEXT, K, GRID = 30, 8, 2

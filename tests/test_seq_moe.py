@@ -339,7 +339,7 @@ def test_ablation_config_builds_without_the_clip_expert():
 # In the backbone.
 
 def test_backbone_with_grouped_seq_moe_forward_and_backward():
-    from unif2ace_jax.models.backbone import build_backbone, default_model_config
+    from unif2ace_jax.models.backbone import build_backbone, default_config as default_model_config
     from unif2ace_jax.models.masks import omni_attention_mask
     from unif2ace_jax.models.sequences import build_sequences
     from unif2ace_jax.models.vocab import Vocab

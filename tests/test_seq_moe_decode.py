@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 import unif2ace_jax.models.moe  # noqa: F401  (registers token_moe, grouped_seq_moe)
-from unif2ace_jax.models.backbone import POOL_COUNT, POOL_SUM, build_backbone, default_model_config
+from unif2ace_jax.models.backbone import (POOL_COUNT, POOL_SUM, build_backbone,
+                                          default_config as default_model_config)
 from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.moe import seq_routing
 from unif2ace_jax.models.sequences import TASK_MMU, build_mmu_prefix

@@ -14,12 +14,12 @@ DISPATCH = "{dispatch}"
 
 import json
 import jax, jax.numpy as jnp, numpy as np, ml_collections
-from unif2ace_jax.models.backbone import default_model_config
+from unif2ace_jax.models.backbone import default_config as default_model_config
 from unif2ace_jax.models.unified import build_model
 from unif2ace_jax.parallel.mesh import make_mesh
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.checkpoint import state as state_lib
-from unif2ace_jax.losses.unified import default_loss_config
+from unif2ace_jax.losses.unified import default_config as default_loss_config
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train.train import make_train_step, to_global
 

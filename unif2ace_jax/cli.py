@@ -6,11 +6,29 @@ turns it into ``error: ...`` and exit status 2).
 
 from __future__ import annotations
 
+import importlib.util
+import os
 from typing import Any
 
 from absl import flags, logging
 
 from unif2ace_jax.errors import UserError, config_value
+
+
+def load_config(path: str, arg: str | None = None) -> Any:
+    """``get_config(arg)`` of the config file at `path` (``get_config()`` when `arg` is empty).
+
+    The one way to load a config file outside ``--config`` flags: commands that take a config
+    path, and config files that build on a sibling (``os.path.dirname(__file__)``).
+    UserError when there is no such file; a bad `arg` raises the file's ValueError.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"no config file {path!r}")
+    name = os.path.splitext(os.path.basename(path))[0]
+    spec = importlib.util.spec_from_file_location(f"_config_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
 
 
 def quiet_logs() -> None:

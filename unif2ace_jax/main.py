@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib.util
 import json
 import os
 import shlex
@@ -42,6 +41,7 @@ from typing import Callable
 
 from absl import flags
 
+from unif2ace_jax import cli
 from unif2ace_jax.errors import UserError, run_cli
 from unif2ace_jax.stage_graph import run_graph
 
@@ -159,14 +159,11 @@ def unified_feature_fields(config_spec: str) -> tuple[str, ...]:
     path, _, arg = config_spec.partition(":")
     if not os.path.isfile(path):
         raise UserError(f"--unified_config: no config file {path!r}")
-    spec = importlib.util.spec_from_file_location("unified_config", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
     try:
-        config = module.get_config(arg) if arg else module.get_config()
+        config = cli.load_config(path, arg)
     except ValueError as e:
         raise UserError(f"--unified_config={config_spec}: {e}") from None
-    fields = tuple(config.data.get("extra_fields", ()))
+    fields = tuple(config.data.extra_fields)
     unknown = [f for f in fields if f not in ENCODER_KINDS]
     if unknown:
         raise UserError(f"--unified_config={config_spec} reads features {unknown} that the main "

@@ -17,16 +17,36 @@ import jax
 import ml_collections
 import optax
 
+from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.defaults import with_defaults
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of an optimizer section (``config.optim``), with its default; ``lr`` has
+    none (it must be given)."""
+    return ml_collections.ConfigDict(dict(
+        lr=None, warmup_steps=0, end_lr_factor=0.0, b1=0.9, b2=0.999, eps=1e-8,
+        weight_decay=0.0, grad_clip=0.0, accumulation_steps=1))
+
+
+def full_config(optim, where: str = "optim") -> ml_collections.ConfigDict:
+    """`default_config` updated with `optim` (unknown fields refused; ``lr`` required)."""
+    full = with_defaults(default_config(), optim, where)
+    if full.lr is None:
+        raise UserError(f"{where}.lr is required")
+    return full
+
 
 def make_schedule(optim: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
     """Linear warm-up from 0 to `optim.lr`, then cosine decay to `lr * end_lr_factor`."""
-    warmup = min(int(optim.get("warmup_steps", 0)), max(total_steps - 1, 0))
+    optim = full_config(optim)
+    warmup = min(int(optim.warmup_steps), max(total_steps - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0,
         peak_value=optim.lr,
         warmup_steps=warmup,
         decay_steps=max(total_steps, warmup + 1),
-        end_value=optim.lr * optim.get("end_lr_factor", 0.0),
+        end_value=optim.lr * optim.end_lr_factor,
     )
 
 
@@ -37,20 +57,21 @@ def _decay_mask(params):
 
 def make_optimizer(optim: ml_collections.ConfigDict, total_steps: int
                    ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    optim = full_config(optim)
     schedule = make_schedule(optim, total_steps)
     chain = []
-    if optim.get("grad_clip", 0.0):
+    if optim.grad_clip:
         chain.append(optax.clip_by_global_norm(optim.grad_clip))
     chain.append(optax.adamw(
         learning_rate=schedule,
-        b1=optim.get("b1", 0.9),
-        b2=optim.get("b2", 0.999),
-        eps=optim.get("eps", 1e-8),
-        weight_decay=optim.get("weight_decay", 0.0),
+        b1=optim.b1,
+        b2=optim.b2,
+        eps=optim.eps,
+        weight_decay=optim.weight_decay,
         mask=_decay_mask,
     ))
     tx = optax.chain(*chain)
-    accumulation = int(optim.get("accumulation_steps", 1))
+    accumulation = int(optim.accumulation_steps)
     if accumulation > 1:
         tx = optax.MultiSteps(tx, every_k_schedule=accumulation)
     return tx, schedule

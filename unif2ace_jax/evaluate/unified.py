@@ -78,6 +78,7 @@ def _eval_batches(trained, split: str, task: str, image_field: str, batch_size: 
 def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
                  batch_size: int = 100) -> dict[str, Any]:
     """Greedy answers to the split's questions vs the reference answers (exact match)."""
+    from unif2ace_jax.sampling.t2i import sampling_options
     from unif2ace_jax.sampling.vqa import answer_ids
 
     codes, questions, qlens, refs, types = [], [], [], [], []
@@ -101,8 +102,7 @@ def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
             break
     if not refs:
         raise UserError(f"split {split} has no questions to evaluate")
-    max_tokens = int(trained.config.get("sampling", {}).get(
-        "max_answer_tokens", int(trained.config.data.max_answer_len) + 1))
+    max_tokens = sampling_options(trained.config).max_answer_tokens
     predictions = answer_ids(trained.model, trained.params, np.concatenate(codes),
                              np.concatenate(questions), np.concatenate(qlens),
                              max_new_tokens=max_tokens, chunk=batch_size,
@@ -140,7 +140,8 @@ def generation_accuracy(trained, split: str, judge_workdir: str, *, num_generate
     """The judge's accuracy on faces generated from the split's first `num_generate` captions."""
     from unif2ace_jax.evaluate.judge import load_judge
     from unif2ace_jax.evaluate.mentions import mentioned_attributes
-    from unif2ace_jax.sampling.t2i import codes_to_images, generate_codes
+    from unif2ace_jax.sampling.t2i import (codes_to_images, generate_codes, generate_kwargs,
+                                           sampling_options)
 
     judge = load_judge(judge_workdir)
     image_tokenizer = trained.image_tokenizer
@@ -162,15 +163,9 @@ def generation_accuracy(trained, split: str, judge_workdir: str, *, num_generate
     truth = _record_attributes(trained, split, index)
     targets = [mentioned_attributes(tok.decode(row[:n].tolist()), attrs)
                for row, n, attrs in zip(ids, lens, truth)]
-    cfg = trained.config.get("sampling", {})
-    codes = generate_codes(
-        trained.model, trained.params, ids, lens, seed=seed, chunk=batch_size,
-        sampler=sampler or cfg.get("sampler", "maskgit"),
-        num_steps=int(steps if steps is not None else cfg.get("steps", 16)),
-        guidance=float(guidance if guidance is not None else cfg.get("guidance", 1.75)),
-        noise_temperature=float(cfg.get("noise_temperature", 1.0)),
-        sample_temperature=float(cfg.get("sample_temperature", 1.0)),
-        schedule=cfg.get("schedule", "cosine"))
+    opts = sampling_options(trained.config, sampler=sampler, steps=steps, guidance=guidance)
+    codes = generate_codes(trained.model, trained.params, ids, lens, seed=seed,
+                           chunk=batch_size, **generate_kwargs(opts))
     images = codes_to_images(image_tokenizer, codes, trained.model.image_grid)
     if images.shape[1] != real.shape[1]:
         from unif2ace_jax.data.images import resize_image

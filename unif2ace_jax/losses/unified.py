@@ -35,17 +35,24 @@ from unif2ace_jax.losses.next_token import next_token_loss
 from unif2ace_jax.models.sequences import TASK_LM, TASK_MMU, TASK_T2I
 from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.diffusion.masking import mask_image_codes
+from unif2ace_jax.utils.defaults import with_defaults
 
 # Keys of a raw batch that the objective reads (the rest, e.g. decoded images, stays on host).
 MODEL_KEYS = ("task", "text", "text_len", "answer", "answer_len", "text_targets",
               "image_codes", "valid")
 
 
-def default_loss_config() -> ml_collections.ConfigDict:
-    """Every field `unified_loss` reads, with the paper's / Show-o's values."""
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.loss`` (read by `unified_loss`), with the paper's / Show-o's
+    values."""
     return ml_collections.ConfigDict(dict(
         w_t2i=1.0, w_mmu=1.0, w_lm=0.1, alpha=0.01, mask_weight=1.0, schedule="cosine",
         score_parameterization="free", cond_dropout=0.1, masking="count"))
+
+
+def full_loss_config(loss_cfg) -> ml_collections.ConfigDict:
+    """``config.loss``: `default_config` updated with `loss_cfg` (unknown fields refused)."""
+    return with_defaults(default_config(), loss_cfg, "loss")
 
 
 def model_inputs(batch: Mapping[str, Any], extra_fields: tuple[str, ...] = ()) -> dict:
@@ -106,6 +113,7 @@ def prepare_inputs(model: UnifiedModel, batch: Mapping[str, jax.Array], rng: jax
     ``masked [B, N]``, ``mask_ratio [B]``, ``is_t2i [B]`` (T2I and valid), ``valid [B]``,
     ``task [B]`` and ``dropout_rng`` (None when dropout is off).
     """
+    loss_cfg = full_loss_config(loss_cfg)
     k_mask, k_drop, k_dropout = jax.random.split(rng, 3)
     task = jnp.asarray(batch["task"], jnp.int32)
     valid = jnp.asarray(batch.get("valid", jnp.ones(task.shape, bool)), bool)
@@ -113,8 +121,8 @@ def prepare_inputs(model: UnifiedModel, batch: Mapping[str, jax.Array], rng: jax
     is_t2i = (task == TASK_T2I) & valid
     codes_in, masked, ratio = mask_t2i_codes(
         k_mask, codes, is_t2i, mask_id=model.num_image_codes,
-        schedule=loss_cfg.get("schedule", "cosine"), mode=loss_cfg.get("masking", "count"))
-    cond_dropout = float(loss_cfg.get("cond_dropout", 0.0)) if train else 0.0
+        schedule=loss_cfg.schedule, mode=loss_cfg.masking)
+    cond_dropout = float(loss_cfg.cond_dropout) if train else 0.0
     seqs = model.sequences(dict(batch, image_codes=codes_in), rng=k_drop,
                            cond_dropout=cond_dropout)
     features = default_features(task, jnp.where(is_t2i, ratio, 0.0),
@@ -129,6 +137,7 @@ def loss_from_inputs(model: UnifiedModel, params: Any, inputs: Mapping[str, Any]
                      loss_cfg: ml_collections.ConfigDict
                      ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The deterministic part: forward pass and the weighted sum of the losses."""
+    loss_cfg = full_loss_config(loss_cfg)
     seqs, task, valid = inputs["seqs"], inputs["task"], inputs["valid"]
     hidden, aux_parts = model.forward(params, seqs, features=inputs["features"],
                                       dropout_rng=inputs["dropout_rng"], aux_parts=True)
@@ -137,9 +146,9 @@ def loss_from_inputs(model: UnifiedModel, params: Any, inputs: Mapping[str, Any]
     img_logits = model.image_logits(params, hidden, seqs["image_positions"])
     t2i_loss, d3 = d3diff_loss(
         img_logits, inputs["codes"], inputs["masked"], inputs["mask_ratio"],
-        alpha=float(loss_cfg.get("alpha", 0.01)), schedule=loss_cfg.get("schedule", "cosine"),
-        score_parameterization=loss_cfg.get("score_parameterization", "free"),
-        mask_weight=float(loss_cfg.get("mask_weight", 1.0)), example_mask=inputs["is_t2i"])
+        alpha=float(loss_cfg.alpha), schedule=loss_cfg.schedule,
+        score_parameterization=loss_cfg.score_parameterization,
+        mask_weight=float(loss_cfg.mask_weight), example_mask=inputs["is_t2i"])
 
     logits = model.text_logits(params, hidden)
     weights = seqs["target_weights"] * valid[:, None].astype(jnp.float32)
@@ -148,9 +157,9 @@ def loss_from_inputs(model: UnifiedModel, params: Any, inputs: Mapping[str, Any]
     mmu_loss, mmu = next_token_loss(logits, seqs["targets"], mmu_w)
     lm_loss, lm = next_token_loss(logits, seqs["targets"], lm_w)
 
-    loss = (float(loss_cfg.get("w_t2i", 1.0)) * t2i_loss
-            + float(loss_cfg.get("w_mmu", 1.0)) * mmu_loss
-            + float(loss_cfg.get("w_lm", 0.1)) * lm_loss + aux_loss)
+    loss = (float(loss_cfg.w_t2i) * t2i_loss
+            + float(loss_cfg.w_mmu) * mmu_loss
+            + float(loss_cfg.w_lm) * lm_loss + aux_loss)
     metrics = {
         "loss": loss, "t2i_loss": t2i_loss, "mask_ce": d3["mask_ce"],
         "score_entropy": d3["score_entropy"], "nelbo_bits_per_token": d3["nelbo_bits_per_token"],

@@ -65,6 +65,7 @@ from unif2ace_jax.models.tokenizer.lfq import indices_to_codes
 from unif2ace_jax.models.vocab import Vocab
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.registry import Registry
+from unif2ace_jax.utils.defaults import with_defaults
 
 # Logical axes of [B, L, D] activations (names of unif2ace_jax/parallel/rules.py).
 ACTIVATION_AXES = ("batch", "length", "act_embed")
@@ -369,9 +370,18 @@ def unstack_layer_params(params: Mapping[str, Any], num_layers: int) -> dict:
     return params
 
 
-def default_model_config() -> ml_collections.ConfigDict:
-    """A tiny CPU-sized `config.model` with every field `build_backbone` reads."""
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.model`` (read by `build_backbone` and `unified.build_model`),
+    with its default: a tiny CPU-sized dense model.
+
+    ``ffn`` and ``seq_moe`` are slots: their fields are those of the named factory's own
+    ``default_config`` (e.g. `moe.token_moe.default_config`), filled in by the factory.
+    ``num_image_codes`` / ``image_grid`` (0 = take them from the image tokenizer),
+    ``vocab_pad_to_multiple`` (embedding rows rounded up, e.g. 128 for TPU tensor sharding),
+    ``group_assignment`` and ``position_mode`` (sequence options) are read by the unified model.
+    """
     return ml_collections.ConfigDict(dict(
+        num_image_codes=0, image_grid=0, vocab_pad_to_multiple=1,
         d_model=64, num_layers=2, num_heads=4,
         ffn=dict(name="dense", hidden=256),
         block_style="parallel", rotary_fraction=0.5, rope_theta=1e4, layer_norm_eps=1e-5,
@@ -379,6 +389,14 @@ def default_model_config() -> ml_collections.ConfigDict:
         remat_policy="none", scan_layers=True, group_assignment="task",
         position_mode="valid", seq_moe=dict(name="none"), image_code_embedding="table",
         image_code_logits="table", image_position_embedding=False))
+
+
+SLOT_FIELDS = ("ffn", "seq_moe")  # replaced whole by a config (their factories fill them)
+
+
+def full_model_config(given=None) -> ml_collections.ConfigDict:
+    """``config.model``: `default_config` updated with `given` (unknown fields refused)."""
+    return with_defaults(default_config(), given, "model", whole=SLOT_FIELDS)
 
 
 def image_token_index(tokens: jax.Array, image_offset: int, num_image_codes: int
@@ -393,7 +411,7 @@ def image_token_index(tokens: jax.Array, image_offset: int, num_image_codes: int
 
 def _image_code_option(c: ml_collections.ConfigDict, key: str, num_codes: int) -> str:
     """``model.<key>`` ("table" | "table+bits"), checked: bits need a power-of-two codebook."""
-    value = c.get(key, "table")
+    value = c[key]
     if value not in IMAGE_CODE_OPTIONS:
         raise UserError(f"unknown model.{key} {value!r}; known: {', '.join(IMAGE_CODE_OPTIONS)}")
     if value == "table+bits" and (num_codes < 2 or num_codes & (num_codes - 1)):
@@ -406,8 +424,8 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
                    num_image_tokens: int = 0) -> Backbone:
     """Builds the backbone from ``config.model``; the vocabulary size comes from `vocab`, N (the
     image-position embedding's rows) from `num_image_tokens`."""
-    c = model_config
-    image_positions = bool(c.get("image_position_embedding", False))
+    c = full_model_config(model_config)
+    image_positions = bool(c.image_position_embedding)
     if image_positions and num_image_tokens < 1:
         raise UserError("model.image_position_embedding needs the number of image tokens "
                         f"(image_grid ** 2), got {num_image_tokens}")
@@ -417,24 +435,24 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
             return section
         return ml_collections.FrozenConfigDict(section)
 
-    style = c.get("block_style", "parallel")
+    style = c.block_style
     if style not in BLOCK_STYLES:
         raise UserError(f"unknown block_style {style!r}; known: {', '.join(BLOCK_STYLES)}")
-    remat_policy(c.get("remat_policy", "none"))  # validates the name early
+    remat_policy(c.remat_policy)  # validates the name early
     k = vocab.num_image_codes
     code_embedding, code_logits = (_image_code_option(c, key, k)
                                    for key in ("image_code_embedding", "image_code_logits"))
-    seq_moe = c.get("seq_moe", None) or ml_collections.ConfigDict({"name": "none"})
+    seq_moe = c.seq_moe
     FFN_SLOTS.get(c.ffn.name)
     SEQ_MOE_SLOTS.get(seq_moe.name)
     return Backbone(
         vocab_size=vocab.size, d_model=c.d_model, num_layers=c.num_layers,
         num_heads=c.num_heads, ffn=frozen(c.ffn), seq_moe=frozen(seq_moe), block_style=style,
-        rotary_fraction=c.get("rotary_fraction", 0.5), rope_theta=c.get("rope_theta", 1e4),
-        layer_norm_eps=c.get("layer_norm_eps", 1e-5), dropout_rate=c.get("dropout_rate", 0.0),
-        init_std=c.get("init_std", 0.02), dtype=_dtype(c.get("dtype", "float32")),
-        param_dtype=_dtype(c.get("param_dtype", "float32")),
-        remat_policy=c.get("remat_policy", "none"), scan_layers=c.get("scan_layers", True),
+        rotary_fraction=c.rotary_fraction, rope_theta=c.rope_theta,
+        layer_norm_eps=c.layer_norm_eps, dropout_rate=c.dropout_rate,
+        init_std=c.init_std, dtype=_dtype(c.dtype),
+        param_dtype=_dtype(c.param_dtype),
+        remat_policy=c.remat_policy, scan_layers=c.scan_layers,
         image_code_embedding=code_embedding, image_code_logits=code_logits,
         image_offset=vocab.image_offset,
         num_image_codes=k, image_position_embedding=image_positions,

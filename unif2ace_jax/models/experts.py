@@ -41,6 +41,7 @@ import ml_collections
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders import ENCODERS
 from unif2ace_jax.registry import Registry
+from unif2ace_jax.utils.defaults import with_defaults
 
 RESAMPLERS = ("mlp", "cross_attention")
 EXPERTS: Registry = Registry("seq-MoE expert kind")
@@ -244,33 +245,49 @@ def _make_zero(cfg, *, d_model: int, dtype, param_dtype, name: str | None = None
     return ZeroExpert(name=name)
 
 
+def default_feature_config() -> ml_collections.ConfigDict:
+    """Every field of a feature expert's config (``seq_moe.experts.<name>``), with its default;
+    ``feature_key`` has none (it must be given). ``encoder_config`` goes to the encoder whole."""
+    return ml_collections.ConfigDict(dict(
+        kind="feature", feature_key="", feature_dim=None, encoder="precomputed",
+        encoder_config=dict(), resampler="mlp", resampler_hidden=0, num_heads=4,
+        feature_norm=True))
+
+
+def full_feature_config(cfg, name: str) -> ml_collections.ConfigDict:
+    """Expert `name`'s config: `default_feature_config` updated with `cfg`."""
+    return with_defaults(default_feature_config(), cfg, f"model.seq_moe.experts.{name}",
+                         whole=("encoder_config",))
+
+
 @EXPERTS.register("feature")
 def _make_feature(cfg, *, d_model: int, dtype, param_dtype,
                   name: str | None = None) -> nn.Module:
-    resampler = cfg.get("resampler", "mlp")
+    cfg = full_feature_config(cfg, name)
+    resampler = cfg.resampler
     if resampler not in RESAMPLERS:
         raise UserError(f"unknown resampler {resampler!r} for seq-MoE expert {name!r}; known: "
                         f"{', '.join(RESAMPLERS)}")
-    encoder = cfg.get("encoder", "precomputed")
+    encoder = cfg.encoder
     ENCODERS.get(encoder)  # unknown names fail here, at build time
-    if "feature_key" not in cfg:
+    if not cfg.feature_key:
         raise UserError(f"seq-MoE feature expert {name!r} needs a feature_key")
-    enc_cfg = cfg.get("encoder_config", None)
+    enc_cfg = cfg.encoder_config
     if isinstance(enc_cfg, ml_collections.ConfigDict) and not isinstance(
             enc_cfg, ml_collections.FrozenConfigDict):
         enc_cfg = ml_collections.FrozenConfigDict(enc_cfg)
     return FeatureExpert(
-        d_model=d_model, feature_key=cfg.feature_key, feature_dim=cfg.get("feature_dim", None),
+        d_model=d_model, feature_key=cfg.feature_key, feature_dim=cfg.feature_dim,
         encoder=encoder, encoder_config=enc_cfg, resampler=resampler,
-        resampler_hidden=int(cfg.get("resampler_hidden", 0)),
-        num_heads=int(cfg.get("num_heads", 4)), feature_norm=bool(cfg.get("feature_norm", True)),
+        resampler_hidden=int(cfg.resampler_hidden),
+        num_heads=int(cfg.num_heads), feature_norm=bool(cfg.feature_norm),
         dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def expert_kind(name: str, experts_cfg: Mapping[str, Any] | None) -> str:
     """The kind of the expert called `name`: its config's ``kind`` or the built-in copy/zero."""
     if experts_cfg is not None and name in experts_cfg:
-        return experts_cfg[name].get("kind", "feature")
+        return experts_cfg[name].get("kind", default_feature_config().kind)
     if name in ("copy", "zero"):
         return name
     known = sorted(set(experts_cfg or {}) | {"copy", "zero"})

@@ -28,7 +28,7 @@ import ml_collections
 import numpy as np
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.backbone import Backbone, build_backbone
+from unif2ace_jax.models.backbone import Backbone, build_backbone, full_model_config
 from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.tokenizer.lfq import indices_to_codes
 from unif2ace_jax.models.sequences import (GROUP_ASSIGNMENTS, POSITION_MODES, TASK_T2I,
@@ -240,23 +240,22 @@ def build_model(model_config: ml_collections.ConfigDict, *, text_vocab_size: int
                 num_image_codes: int, image_grid: int) -> UnifiedModel:
     """The unified model from ``config.model`` and the two tokenizers' sizes.
 
-    ``config.model`` holds the backbone fields (`backbone.default_model_config`) plus
-    ``vocab_pad_to_multiple`` (embedding rows rounded up, e.g. 128 for TPU tensor sharding),
-    ``group_assignment`` and ``position_mode`` (sequence options, `models.sequences`).
+    ``config.model``: fields of `backbone.default_config` (missing ones take its defaults).
     """
     register_slots()
+    model_config = full_model_config(model_config)
     if image_grid < 1:
         raise UserError(f"image grid must be >= 1, got {image_grid}")
-    group_assignment = model_config.get("group_assignment", "task")
+    group_assignment = model_config.group_assignment
     if group_assignment not in GROUP_ASSIGNMENTS:
         raise UserError(f"unknown model.group_assignment {group_assignment!r}; known: "
                         f"{', '.join(GROUP_ASSIGNMENTS)}")
-    position_mode = model_config.get("position_mode", "valid")
+    position_mode = model_config.position_mode
     if position_mode not in POSITION_MODES:
         raise UserError(f"unknown model.position_mode {position_mode!r}; known: "
                         f"{', '.join(POSITION_MODES)}")
     vocab = Vocab(text_size=int(text_vocab_size), num_image_codes=int(num_image_codes),
-                  pad_to_multiple=int(model_config.get("vocab_pad_to_multiple", 1)))
+                  pad_to_multiple=int(model_config.vocab_pad_to_multiple))
     backbone = build_backbone(model_config, vocab, num_image_tokens=int(image_grid) ** 2)
     return UnifiedModel(backbone=backbone, vocab=vocab,
                         image_grid=int(image_grid), group_assignment=group_assignment,

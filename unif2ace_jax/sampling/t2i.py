@@ -17,6 +17,7 @@ from typing import Any, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
 from unif2ace_jax.errors import UserError
@@ -24,8 +25,42 @@ from unif2ace_jax.models.sequences import TASK_T2I, build_t2i_prompt
 from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.sampling import T2I_SAMPLERS
 from unif2ace_jax.sampling.guidance import paired_forward
+from unif2ace_jax.utils.defaults import with_defaults
 
 SAMPLERS = ("maskgit", "ancestral")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.sampling`` (the defaults of generate, evaluate and ask).
+
+    ``max_answer_tokens``: most answer tokens of a VQA answer (0 = ``data.max_answer_len + 1``).
+    """
+    return ml_collections.ConfigDict(dict(
+        sampler="maskgit", steps=16, guidance=1.75, noise_temperature=1.0,
+        sample_temperature=1.0, schedule="cosine", max_answer_tokens=0))
+
+
+def sampling_options(config: ml_collections.ConfigDict, *, sampler: str | None = None,
+                     steps: int | None = None, guidance: float | None = None,
+                     max_answer_tokens: int | None = None) -> ml_collections.ConfigDict:
+    """The sampler settings of a run: `default_config` updated with its ``config.sampling``,
+    then with the options given here (None = the config's); ``max_answer_tokens`` resolved."""
+    opts = with_defaults(default_config(), config.get("sampling", None), "sampling")
+    given = dict(sampler=sampler or None, steps=steps, guidance=guidance,
+                 max_answer_tokens=max_answer_tokens)
+    opts.update({k: v for k, v in given.items() if v is not None})
+    opts.steps, opts.guidance = int(opts.steps), float(opts.guidance)
+    opts.noise_temperature = float(opts.noise_temperature)
+    opts.sample_temperature = float(opts.sample_temperature)
+    opts.max_answer_tokens = int(opts.max_answer_tokens or int(config.data.max_answer_len) + 1)
+    return opts
+
+
+def generate_kwargs(opts: ml_collections.ConfigDict) -> dict[str, Any]:
+    """`generate_codes` keyword arguments from `sampling_options`."""
+    return dict(sampler=opts.sampler, num_steps=opts.steps, guidance=opts.guidance,
+                noise_temperature=opts.noise_temperature,
+                sample_temperature=opts.sample_temperature, schedule=opts.schedule)
 
 
 def _sampler_kwargs(sampler: str, noise_temperature: Any, sample_temperature: Any) -> dict:
@@ -175,17 +210,12 @@ def generate_images(trained, prompts: Sequence[str], *, num_per_prompt: int = 1,
         raise UserError("no prompt given")
     if num_per_prompt < 1:
         raise UserError(f"--num must be >= 1, got {num_per_prompt}")
-    cfg = trained.config.get("sampling", {})
+    opts = sampling_options(trained.config, sampler=sampler, steps=steps, guidance=guidance)
     width = int(trained.config.data.max_text_len)
     texts = [p for p in prompts for _ in range(num_per_prompt)]
     ids, lens = encode_texts(trained.text_tokenizer, texts, width)
     image_tokenizer = trained.image_tokenizer  # fail early when there is none
     codes = generate_codes(
         trained.model, trained.params, ids, lens, seed=seed, chunk=chunk,
-        sampler=sampler or cfg.get("sampler", "maskgit"),
-        num_steps=int(steps if steps is not None else cfg.get("steps", 16)),
-        guidance=float(guidance if guidance is not None else cfg.get("guidance", 1.75)),
-        noise_temperature=float(cfg.get("noise_temperature", 1.0)),
-        sample_temperature=float(cfg.get("sample_temperature", 1.0)),
-        schedule=cfg.get("schedule", "cosine"))
+        **generate_kwargs(opts))
     return codes_to_images(image_tokenizer, codes, trained.model.image_grid)

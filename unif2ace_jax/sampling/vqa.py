@@ -90,14 +90,14 @@ def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str],
                      features: Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Answer strings for (image codes ``[B, N]``, question strings); `trained` is a
     `checkpoint.trained.Trained`; `features` as in `answer_ids` (one row per image)."""
-    from unif2ace_jax.sampling.t2i import encode_texts
+    from unif2ace_jax.sampling.t2i import encode_texts, sampling_options
 
     if len(questions) != len(image_codes):
         raise UserError(f"{len(image_codes)} images but {len(questions)} questions")
     tok = trained.text_tokenizer
     ids, lens = encode_texts(tok, questions, int(trained.config.data.max_text_len))
-    if max_new_tokens is None:
-        max_new_tokens = int(trained.config.get("sampling", {}).get("max_answer_tokens", 8))
+    max_new_tokens = sampling_options(trained.config,
+                                      max_answer_tokens=max_new_tokens).max_answer_tokens
     answers = answer_ids(trained.model, trained.params, image_codes, ids, lens,
                          max_new_tokens=max_new_tokens, chunk=chunk, features=features)
     return [tok.decode(a) for a in answers]

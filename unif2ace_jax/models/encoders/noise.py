@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.defaults import with_defaults
 
 
 def sinusoidal_embedding(values: jax.Array, dim: int, *, max_period: float = 10000.0,
@@ -49,11 +50,12 @@ class NoiseEncoder(nn.Module):
         return sinusoidal_embedding(r, self.dim, max_period=self.max_period, scale=self.scale)
 
 
-def default_noise_config() -> ml_collections.ConfigDict:
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of the noise encoder's ``encoder_config``, with its default."""
     return ml_collections.ConfigDict(dict(dim=256, max_period=10000.0, scale=1000.0))
 
 
 def build_noise_encoder(cfg: ml_collections.ConfigDict | None) -> NoiseEncoder:
-    cfg = cfg if cfg is not None else default_noise_config()
-    return NoiseEncoder(dim=int(cfg.get("dim", 256)), max_period=float(cfg.get("max_period", 1e4)),
-                        scale=float(cfg.get("scale", 1000.0)))
+    cfg = with_defaults(default_config(), cfg, "encoder_config (noise)")
+    return NoiseEncoder(dim=int(cfg.dim), max_period=float(cfg.max_period),
+                        scale=float(cfg.scale))

@@ -66,7 +66,7 @@ ENCODERS: Registry[EncoderSpec] = Registry("encoder")
 
 ENCODERS.register("noise")(EncoderSpec(
     in_model=True, build=noise.build_noise_encoder,
-    output_dim=lambda cfg: int((cfg or {}).get("dim", 256))))
+    output_dim=lambda cfg: int(noise.build_noise_encoder(cfg).dim)))
 
 ENCODERS.register("precomputed")(EncoderSpec(in_model=False))
 

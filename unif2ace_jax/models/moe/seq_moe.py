@@ -51,6 +51,7 @@ from unif2ace_jax.models import experts as experts_lib
 from unif2ace_jax.models.backbone import SEQ_MOE_SLOTS
 from unif2ace_jax.models.encoders import ENCODERS
 from unif2ace_jax.models.moe import seq_routing as routing
+from unif2ace_jax.utils.defaults import with_defaults
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -172,12 +173,19 @@ class GroupedSeqMoE(nn.Module):
         return out.astype(self.dtype)
 
 
+def full_config(cfg) -> ml_collections.ConfigDict:
+    """``config.model.seq_moe``: `default_config` updated with `cfg` (``groups`` and
+    ``experts`` are taken whole; unknown fields refused)."""
+    return with_defaults(default_config(), cfg, "model.seq_moe", whole=("groups", "experts"))
+
+
 def _validate(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
-    groups = cfg.get("groups", None)
+    """`cfg`: a `full_config`."""
+    groups = cfg.groups
     if groups is None or "und" not in groups or "gen" not in groups:
         raise UserError("seq_moe.groups needs both 'und' and 'gen' expert lists")
     und, gen = tuple(groups.und), tuple(groups.gen)
-    k = int(cfg.get("top_k", 2))
+    k = int(cfg.top_k)
     for gname, names in (("und", und), ("gen", gen)):
         if not names:
             raise UserError(f"seq_moe.groups.{gname} is empty (use seq_moe.name='none' to turn "
@@ -186,7 +194,7 @@ def _validate(cfg) -> tuple[tuple[str, ...], tuple[str, ...]]:
             raise UserError(f"seq_moe.top_k={k} must be in [1, {len(names)}] "
                             f"(seq_moe.groups.{gname} has {len(names)} experts)")
         for n in names:
-            kind = experts_lib.expert_kind(n, cfg.get("experts", None))
+            kind = experts_lib.expert_kind(n, cfg.experts)
             experts_lib.EXPERTS.get(kind)
     return und, gen
 
@@ -203,24 +211,26 @@ def make_grouped_seq_moe(cfg: ml_collections.ConfigDict, *, d_model: int, dtype,
                          name: str | None = None) -> GroupedSeqMoE:
     """Factory for the backbone's seq-MoE slot; `cfg` is ``config.model.seq_moe``
     (fields: `default_config`)."""
+    cfg = full_config(cfg)
     und, gen = _validate(cfg)
     return GroupedSeqMoE(
-        d_model=d_model, und=und, gen=gen, experts=_frozen(cfg.get("experts", None)),
-        top_k=int(cfg.get("top_k", 2)), renormalize=bool(cfg.get("renormalize", True)),
-        balance_weight_und=float(cfg.get("balance_weight_und", 0.01)),
-        balance_weight_gen=float(cfg.get("balance_weight_gen", 0.01)),
-        task_key=cfg.get("task_key", "task"), pool_mask_key=cfg.get("pool_mask_key", "pool_mask"),
+        d_model=d_model, und=und, gen=gen, experts=_frozen(cfg.experts),
+        top_k=int(cfg.top_k), renormalize=bool(cfg.renormalize),
+        balance_weight_und=float(cfg.balance_weight_und),
+        balance_weight_gen=float(cfg.balance_weight_gen),
+        task_key=cfg.task_key, pool_mask_key=cfg.pool_mask_key,
         dtype=dtype, param_dtype=param_dtype, name=name)
 
 
 def feature_keys(cfg: ml_collections.ConfigDict) -> dict[str, str]:
     """``feature_key -> encoder name`` for every feature expert the groups use."""
+    cfg = full_config(cfg)
     und, gen = _validate(cfg)
     out = {}
     for n in dict.fromkeys(und + gen):
-        if experts_lib.expert_kind(n, cfg.get("experts", None)) == "feature":
-            e = cfg.experts[n]
-            out[e.feature_key] = e.get("encoder", "precomputed")
+        if experts_lib.expert_kind(n, cfg.experts) == "feature":
+            e = experts_lib.full_feature_config(cfg.experts[n], n)
+            out[e.feature_key] = e.encoder
     return out
 
 
@@ -231,16 +241,17 @@ def dummy_features(cfg: ml_collections.ConfigDict, batch: int,
     In-model encoders get their raw input (``[B]``), others ``[B, feature_dim]`` (or
     ``[B, T, feature_dim]`` with ``num_feature_tokens = T > 0``); plus ``task [B]``.
     """
-    out: dict[str, jax.Array] = {cfg.get("task_key", "task"): jnp.zeros((batch,), jnp.int32)}
+    cfg = full_config(cfg)
+    out: dict[str, jax.Array] = {cfg.task_key: jnp.zeros((batch,), jnp.int32)}
     und, gen = _validate(cfg)
     for n in dict.fromkeys(und + gen):
-        if experts_lib.expert_kind(n, cfg.get("experts", None)) != "feature":
+        if experts_lib.expert_kind(n, cfg.experts) != "feature":
             continue
-        e = cfg.experts[n]
-        if ENCODERS.get(e.get("encoder", "precomputed")).in_model:
+        e = experts_lib.full_feature_config(cfg.experts[n], n)
+        if ENCODERS.get(e.encoder).in_model:
             out[e.feature_key] = jnp.zeros((batch,), jnp.float32)
         else:
-            if not e.get("feature_dim", None):
+            if not e.feature_dim:
                 raise UserError(f"seq_moe.experts.{n}.feature_dim is needed for dummy features")
             shape = (batch, num_feature_tokens, e.feature_dim) if num_feature_tokens else (
                 batch, e.feature_dim)
