@@ -70,10 +70,10 @@ import numpy as np
 from unif2ace_jax.data import records
 from unif2ace_jax.data.ordering import CounterRng, shuffled_forever
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.sequences import TASK_LM, TASK_MMU, TASK_T2I
 from unif2ace_jax.models.vocab import TEXT_EOS_MARKER
 
-TASKS = ("t2i", "mmu", "lm")
-T2I, MMU, LM = 0, 1, 2
+TASKS = ("t2i", "mmu", "lm")  # by task id (TASK_T2I, TASK_MMU, TASK_LM)
 IMAGE_FIELDS = ("image", "image_codes", "both")
 
 
@@ -199,10 +199,10 @@ class ElementBuilder:
         u = rng.random()
         p_t2i, p_mmu, _ = self.spec.mixture
         if u < p_t2i:
-            return T2I
+            return TASK_T2I
         if u < p_t2i + p_mmu:
-            return MMU
-        return LM if self.spec.mixture[2] > 0 else MMU
+            return TASK_MMU
+        return TASK_LM if self.spec.mixture[2] > 0 else TASK_MMU
 
     def __call__(self, position: int, item: tuple[int, dict]) -> dict[str, np.ndarray]:
         index, record = item
@@ -248,12 +248,12 @@ class ElementBuilder:
         caption = records.as_str(record[records.CAPTION])
         qa = records.qa_rows(record[records.QA]) if records.QA in record else []
         captioning = False
-        if task == MMU and qa_index is None and caption and spec.mmu_caption_prob > 0:
+        if task == TASK_MMU and qa_index is None and caption and spec.mmu_caption_prob > 0:
             captioning = not qa or rng.random() < spec.mmu_caption_prob
-        if task == MMU and not qa and not captioning:
-            task = T2I
-        elif task == T2I and not caption and qa:
-            task = MMU
+        if task == TASK_MMU and not qa and not captioning:
+            task = TASK_T2I
+        elif task == TASK_T2I and not caption and qa:
+            task = TASK_MMU
         answer_ids: list[int] = []
         qa_type = -1
         text_targets: list[bool] = []
@@ -262,7 +262,7 @@ class ElementBuilder:
             caption_ids = self.tokenizer.encode(caption)
             text_ids = prompt_ids + caption_ids
             text_targets = [False] * len(prompt_ids) + [True] * len(caption_ids)
-        elif task == MMU:
+        elif task == TASK_MMU:
             if qa_index is not None or spec.mmu_questions_per_row == 1:
                 row = qa[qa_index if qa_index is not None else rng.integers(len(qa))]
                 text_ids = self.tokenizer.encode(row["question"])
@@ -270,7 +270,7 @@ class ElementBuilder:
                 row, text_ids, text_targets = self._packed_qa(qa, rng)
             answer_ids = self.tokenizer.encode(row["answer"])
             qa_type = records.qa_type_index(row.get("type", "other"))
-        elif task == LM:
+        elif task == TASK_LM:
             if not qa or rng.random() < spec.lm_caption_prob:
                 text = caption
             else:
@@ -281,7 +281,7 @@ class ElementBuilder:
             if spec.t2i_short_caption_prob > 0 and rng.random() < spec.t2i_short_caption_prob:
                 sentences = caption_sentences(caption)
                 text = " ".join(sentences[: 1 + rng.integers(len(sentences))])
-        if task != MMU:
+        if task != TASK_MMU:
             text_ids = self.tokenizer.encode(text)
         text_arr, text_len = _pad(text_ids, spec.max_text_len)
         ans_arr, ans_len = _pad(answer_ids, spec.max_answer_len)
