@@ -15,6 +15,8 @@ from unif2ace_jax.data.build import build_dataset, read_texts
 from unif2ace_jax.data.derive import derive_dataset
 from unif2ace_jax.data.text_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.sequences import TASK_MMU, TASK_T2I
+from unif2ace_jax.models.sequences import TASK_MMU, TASK_T2I
 from unif2ace_jax.models.vocab import TEXT_EOS_MARKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -94,9 +96,9 @@ def test_raw_batch_contract(env):
             text = batch["text"][b, :n].tolist()
             caption = tok.encode(records.as_str(rec["caption"]))[:48]
             rows = records.qa_rows(rec["qa"])
-            if task == elements.T2I:
+            if task == TASK_T2I:
                 assert text == caption and m == 0 and batch["qa_type"][b] == -1
-            elif task == elements.MMU:
+            elif task == TASK_MMU:
                 matches = [r for r in rows if tok.encode(r["question"])[:48] == text
                            and tok.encode(r["answer"])[:3] == batch["answer"][b, :m].tolist()]
                 assert matches, "question/answer are not a QA pair of the record"
@@ -117,7 +119,7 @@ def test_captioning_mmu_rows(env):
     prompt = tok.encode("describe the face.")
     kinds = []
     for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 8):
-        assert (batch["task"] == elements.MMU).all()
+        assert (batch["task"] == TASK_MMU).all()
         for b in range(4):
             n, targets = int(batch["text_len"][b]), batch["text_targets"][b]
             text = batch["text"][b, :n].tolist()
@@ -249,7 +251,7 @@ def test_single_task_mixture(env):
     config = _config(env, mixture={"mmu": 1.0})
     it = pipeline.make_train_iterator(config, process_index=0, process_count=1)
     for batch in _take(it, 5):
-        assert (batch["task"] == elements.MMU).all() and (batch["answer_len"] > 0).all()
+        assert (batch["task"] == TASK_MMU).all() and (batch["answer_len"] > 0).all()
         assert (batch["qa_type"] >= 0).all()
 
 
@@ -346,7 +348,7 @@ def test_eval_iterator_covers_every_qa_pair_once(env):
         rows = []
         for batch in batches:
             assert batch["text"].shape == (2, 48)
-            assert (batch["task"][batch["valid"]] == elements.MMU).all()
+            assert (batch["task"][batch["valid"]] == TASK_MMU).all()
             assert (batch["index"][~batch["valid"]] == -1).all()
             for b in np.flatnonzero(batch["valid"]):
                 rows.append((int(batch["index"][b]), batch["text"][b, : batch["text_len"][b]].tolist(),
@@ -399,7 +401,7 @@ def test_corrupt_image_names_the_record(env):
     rec = dict(src.as_data_source("train", decoders={"image": tfds.decode.SkipDecoding()})[3])
     rec["image"] = rec["image"][:30]
     with pytest.raises(UserError, match="corrupt image synthface:train record 3"):
-        builder.build(3, rec, elements.T2I, builder.rng(0))
+        builder.build(3, rec, TASK_T2I, builder.rng(0))
 
 
 @pytest.mark.slow  # ~20 s: starts grain worker processes

@@ -30,10 +30,10 @@ import numpy as np
 from unif2ace_jax.data import records
 from unif2ace_jax.data.ordering import CounterRng
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.sequences import TASK_LM, TASK_MMU, TASK_T2I
 from unif2ace_jax.models.vocab import TEXT_EOS_MARKER
 
-TASKS = ("t2i", "mmu", "lm")
-T2I, MMU, LM = 0, 1, 2
+TASKS = ("t2i", "mmu", "lm")  # by task id (TASK_T2I, TASK_MMU, TASK_LM)
 IMAGE_FIELDS = ("image", "image_codes", "both")
 
 
@@ -155,10 +155,10 @@ class ElementBuilder:
         u = rng.random()
         p_t2i, p_mmu, _ = self.spec.mixture
         if u < p_t2i:
-            return T2I
+            return TASK_T2I
         if u < p_t2i + p_mmu:
-            return MMU
-        return LM if self.spec.mixture[2] > 0 else MMU
+            return TASK_MMU
+        return TASK_LM if self.spec.mixture[2] > 0 else TASK_MMU
 
     def __call__(self, position: int, item: tuple[int, dict]) -> dict[str, np.ndarray]:
         index, record = item
@@ -210,9 +210,9 @@ class ElementBuilder:
         text_targets: list[bool] = []
         if captioning:
             text_ids, text_targets = self._captioning_text(caption)
-        elif task == MMU:
+        elif task == TASK_MMU:
             text_ids, text_targets, answer_ids, qa_type = self._qa_text(qa, rng, qa_index)
-        elif task == LM:
+        elif task == TASK_LM:
             text_ids = self.tokenizer.encode(self._lm_text(caption, qa, rng))
         else:
             text_ids = self.tokenizer.encode(self._t2i_text(caption, rng))
@@ -224,12 +224,12 @@ class ElementBuilder:
                       qa_index: int | None) -> tuple[int, bool]:
         """(the task the record can serve, whether an mmu row is captioning)."""
         captioning = False
-        if task == MMU and qa_index is None and caption and self.spec.mmu_caption_prob > 0:
+        if task == TASK_MMU and qa_index is None and caption and self.spec.mmu_caption_prob > 0:
             captioning = not qa or rng.random() < self.spec.mmu_caption_prob
-        if task == MMU and not qa and not captioning:
-            task = T2I
-        elif task == T2I and not caption and qa:
-            task = MMU
+        if task == TASK_MMU and not qa and not captioning:
+            task = TASK_T2I
+        elif task == TASK_T2I and not caption and qa:
+            task = TASK_MMU
         return task, captioning
 
     def _captioning_text(self, caption: str) -> tuple[list[int], list[bool]]:

@@ -23,6 +23,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from unif2ace_jax.evaluate.batches import eval_batches
 from unif2ace_jax.models.unified import UnifiedModel
 
 GROUPS = ("und", "gen")
@@ -211,14 +212,12 @@ def routing_diagnostics(trained, split: str, *, max_sequences: int = 64, batch_s
     of each), with the figure written to `figure_path` (default
     ``<workdir>/routing_<split>_step<step>.png``). Returns the JSON-ready dict (with
     ``"figure"``: the PNG's path)."""
-    from unif2ace_jax.evaluate.unified import _eval_batches
-
     extra_fields = tuple(trained.config.data.get("extra_fields", ()) or ())
     loss_cfg = ml_collections.ConfigDict(trained.config.loss.to_dict())
 
     def take(task: str):
         seen = 0
-        for batch in _eval_batches(trained, split, task, "image_codes", batch_size):
+        for batch in eval_batches(trained, split, task, "image_codes", batch_size):
             valid = np.array(batch["valid"], bool)
             valid &= np.cumsum(valid) + seen <= max_sequences
             if not valid.any():

@@ -40,16 +40,12 @@ import numpy as np
 
 from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.evaluate.batches import eval_batches
+from unif2ace_jax.evaluate.routing import has_moe, routing_diagnostics
 
 
 def _normalise(text: str) -> str:
     return " ".join(text.lower().strip().rstrip(".").split())
-
-
-def _eval_data_config(trained, image_field: str) -> ml_collections.ConfigDict:
-    data = ml_collections.ConfigDict(trained.config.data.to_dict())
-    data.image_field = image_field
-    return data
 
 
 def _extra_fields(trained) -> tuple[str, ...]:
@@ -61,14 +57,6 @@ def _feature_columns(batch, keep: np.ndarray, fields: tuple[str, ...]) -> dict[s
     """The kept rows of a batch's feature fields (and their ``<name>_present`` masks)."""
     names = [n for f in fields for n in (f, f"{f}_present") if n in batch]
     return {n: np.asarray(batch[n])[keep] for n in names}
-
-
-def _eval_batches(trained, split: str, task: str, image_field: str, batch_size: int):
-    from unif2ace_jax.data.pipeline import make_eval_iterator
-
-    return make_eval_iterator(_eval_data_config(trained, image_field), split, task,
-                              tokenizer=trained.text_tokenizer, process_index=0,
-                              process_count=1, batch_size=batch_size)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -85,7 +73,7 @@ def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
     fields = _extra_fields(trained)
     feats: dict[str, list[np.ndarray]] = defaultdict(list)
     count = 0
-    for batch in _eval_batches(trained, split, "mmu", "image_codes", batch_size):
+    for batch in eval_batches(trained, split, "mmu", "image_codes", batch_size):
         keep = np.array(batch["valid"], bool)
         if max_questions is not None:
             keep &= np.cumsum(keep) + count <= max_questions
@@ -147,7 +135,7 @@ def generation_accuracy(trained, split: str, judge_workdir: str, *, num_generate
     image_tokenizer = trained.image_tokenizer
     ids, lens, real, index = [], [], [], []
     count = 0
-    for batch in _eval_batches(trained, split, "t2i", "both", batch_size):
+    for batch in eval_batches(trained, split, "t2i", "both", batch_size):
         keep = np.array(batch["valid"], bool)
         keep &= np.cumsum(keep) + count <= num_generate
         count += int(keep.sum())
@@ -206,7 +194,7 @@ def nelbo(trained, split: str, *, max_images: int | None = None, samples: int = 
         return metrics["nelbo_bits_per_token"]
 
     total, weight, count = 0.0, 0, 0
-    for b, batch in enumerate(_eval_batches(trained, split, "t2i", "image_codes", batch_size)):
+    for b, batch in enumerate(eval_batches(trained, split, "t2i", "image_codes", batch_size)):
         valid = np.array(batch["valid"], bool)
         if max_images is not None:
             valid &= np.cumsum(valid) + count <= max_images
@@ -258,8 +246,6 @@ def evaluate(workdir: str, split: str = "test", *, judge_workdir: str | None = N
     result.update(nelbo(trained, split, max_images=max_nelbo_images, samples=nelbo_samples,
                         batch_size=batch_size, seed=seed))
     timing["nelbo"] = time.perf_counter() - t0
-    from unif2ace_jax.evaluate.routing import has_moe, routing_diagnostics
-
     if has_moe(trained.model):  # per-layer expert usage (JSON) + the activation figure (PNG)
         t0 = time.perf_counter()
         result["routing"] = routing_diagnostics(trained, split, batch_size=min(batch_size, 32),

@@ -33,7 +33,7 @@ scratch on few images learns from much faster; ``table`` keeps the layout of con
 Image-code logits (``config.model.image_code_logits``, [ours]): ``table`` (the LM head's rows of
 the K codes) or ``table+bits``: those logits plus ``(h · U) · bits(c)`` with a learned
 ``U: [d_model, log2 K]`` (``code_bits_head``), so every LFQ bit of the predicted code gets its own
-linear score, shared by all codes with that bit (`UnifiedModel.image_logits` adds the term).
+linear score, shared by all codes with that bit. `Backbone.code_logits` computes both.
 
 Image-position embedding (``config.model.image_position_embedding``, [ours], off by default so
 converted Show-o / Phi weights keep their layout): a learned row per place ``0 … N-1`` of the
@@ -220,7 +220,7 @@ class Backbone(nn.Module):
                 self.d_model, use_bias=False, kernel_init=nn.with_logical_partitioning(
                     nn.initializers.normal(self.init_std), (None, "embed")), **kw)
         if self.image_code_logits == "table+bits":
-            # Read by `UnifiedModel.image_logits`: a logit term linear in each code's LFQ bits.
+            # Read by `code_logits`: a logit term linear in each code's LFQ bits.
             self.code_bits_head = nn.Dense(
                 self.num_image_codes.bit_length() - 1, use_bias=False,
                 kernel_init=nn.with_logical_partitioning(
@@ -286,6 +286,24 @@ class Backbone(nn.Module):
         """``hidden [..., D]`` (final-LN output) -> ``[..., V]`` float32 logits."""
         return self.lm_head(hidden).astype(jnp.float32)
 
+    def code_logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden [B, N, D]`` (final-LN output at image places) -> ``[B, N, K]`` float32
+        logits over the K image codes: the lm head's code columns ``[image_offset,
+        image_offset + K)``, plus with ``image_code_logits="table+bits"`` the per-bit term
+        ``(h · U) · bits(c)``. Slices the head's params rather than computing all V columns."""
+        head = self.lm_head.variables["params"]
+        lo, k = self.image_offset, self.num_image_codes
+        dtype = self.dtype
+        kernel = jax.lax.slice_in_dim(head["kernel"], lo, lo + k, axis=1).astype(dtype)
+        bias = jax.lax.slice_in_dim(head["bias"], lo, lo + k, axis=0).astype(dtype)
+        out = jnp.einsum("bnd,dk->bnk", hidden.astype(dtype), kernel) + bias
+        if self.image_code_logits == "table+bits":
+            bits = indices_to_codes(jnp.arange(k), k.bit_length() - 1, dtype)  # [K, log2 K]
+            per_bit_kernel = self.code_bits_head.variables["params"]["kernel"]
+            per_bit = jnp.einsum("bnd,dc->bnc", hidden.astype(dtype), per_bit_kernel.astype(dtype))
+            out = out + jnp.einsum("bnc,kc->bnk", per_bit, bits)
+        return out.astype(jnp.float32)
+
     def __call__(self, tokens: jax.Array, *, mask: jax.Array, positions: jax.Array,
                  group: jax.Array, valid: jax.Array,
                  features: Mapping[str, jax.Array] | None = None, deterministic: bool = True,
@@ -304,7 +322,7 @@ class Backbone(nn.Module):
         hidden, _ = self._trunk(tokens, None, mask, positions, group, valid, None, features,
                                 deterministic)
         if self.image_code_logits == "table+bits" and self.is_initializing():
-            self.code_bits_head(hidden)  # creates its params; the term is added by the caller
+            self.code_bits_head(hidden)  # creates its params; `code_logits` reads them
         return hidden if return_hidden else self.logits(hidden)
 
     def decode(self, tokens: jax.Array, *, cache: dict, cache_index: jax.Array,

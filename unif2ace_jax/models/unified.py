@@ -30,9 +30,8 @@ import numpy as np
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.backbone import Backbone, build_backbone, full_model_config
 from unif2ace_jax.models.masks import omni_attention_mask
-from unif2ace_jax.models.tokenizer.lfq import indices_to_codes
-from unif2ace_jax.models.sequences import (GROUP_ASSIGNMENTS, POSITION_MODES, TASK_T2I,
-                                           build_sequences, sequence_length)
+from unif2ace_jax.models.sequences import (GROUP_ASSIGNMENTS, POSITION_MODES, build_sequences,
+                                           sequence_length)
 from unif2ace_jax.models.vocab import Vocab
 
 
@@ -158,21 +157,11 @@ class UnifiedModel:
 
         Args:
           hidden: ``[B, L, D]`` final-LN states; image_positions: ``[B, N]`` int.
-        Returns ``[B, N, K]`` float32: the lm head's code columns only.
+        Returns ``[B, N, K]`` float32 (`Backbone.code_logits`): the lm head's code columns
+        only (plus the per-bit term with ``image_code_logits="table+bits"``).
         """
         h = jnp.take_along_axis(hidden, image_positions[..., None].astype(jnp.int32), axis=1)
-        head = params["lm_head"]
-        lo, k = self.vocab.image_offset, self.vocab.num_image_codes
-        dtype = self.backbone.dtype
-        kernel = jax.lax.slice_in_dim(head["kernel"], lo, lo + k, axis=1).astype(dtype)
-        bias = jax.lax.slice_in_dim(head["bias"], lo, lo + k, axis=0).astype(dtype)
-        out = jnp.einsum("bnd,dk->bnk", h.astype(dtype), kernel) + bias
-        if self.backbone.image_code_logits == "table+bits":
-            bits = indices_to_codes(jnp.arange(k), k.bit_length() - 1, dtype)  # [K, log2 K]
-            per_bit = jnp.einsum("bnd,dc->bnc", h.astype(dtype),
-                                 params["code_bits_head"]["kernel"].astype(dtype))
-            out = out + jnp.einsum("bnc,kc->bnk", per_bit, bits)
-        return out.astype(jnp.float32)
+        return self.backbone.apply({"params": params}, h, method=Backbone.code_logits)
 
     def code_logits_fn(self, params: Any, prompt: Mapping[str, jax.Array],
                        features: Mapping[str, jax.Array] | None = None):
@@ -229,11 +218,6 @@ def default_features(task: jax.Array, mask_ratio: jax.Array,
     if extra:
         feats.update({k: jnp.asarray(v) for k, v in extra.items()})
     return feats
-
-
-def t2i_rows(task: jax.Array) -> jax.Array:
-    """``[B]`` bool, True for T2I rows."""
-    return jnp.asarray(task) == TASK_T2I
 
 
 def build_model(model_config: ml_collections.ConfigDict, *, text_vocab_size: int,

@@ -86,10 +86,6 @@ def logical_shardings(abstract_tree: Any, mesh: Mesh, rules: Rules) -> Any:
     return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec())
-
-
 def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
     """Sharding for a host batch array [B, ...]: batch dim over the rule for "batch"."""
     axis = dict(rules).get("batch")

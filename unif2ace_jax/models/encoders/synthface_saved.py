@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import flax.linen as nn
 import jax
@@ -23,6 +23,8 @@ import numpy as np
 from flax import serialization
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.encoders.synthface_clip import make_clip_model
+from unif2ace_jax.models.encoders.synthface_face import make_face_model, make_image_encoder
 
 PARAMS_FILE = "encoder_params.msgpack"
 CONFIG_FILE = "encoder_config.json"
@@ -78,31 +80,36 @@ def _tuples(cfg: Any) -> Any:
     return cfg
 
 
-def build_model(meta: Mapping[str, Any]) -> nn.Module:
-    """The whole trained model described by a record of `load_meta`."""
-    from unif2ace_jax.data.images import num_values
-    from unif2ace_jax.models.encoders.synthface_clip import make_clip_model
-    from unif2ace_jax.models.encoders.synthface_face import make_face_model
+def build_model(meta: Mapping[str, Any],
+                num_values: Sequence[int] | None = None) -> nn.Module:
+    """The whole trained model described by a record of `load_meta`.
 
+    A face model's attribute heads need the number of values of each attribute: the record's
+    ``num_values`` (written by the trainer), else `num_values` as passed.
+    """
     cfg = _tuples(meta["model"])
     if meta["kind"] == "face":
-        return make_face_model(cfg, meta.get("num_values") or num_values())
+        num_values = meta.get("num_values") or num_values
+        if not num_values:
+            raise UserError("the face encoder record has no num_values (values per attribute); "
+                            "pass them to build_model / load_trained")
+        return make_face_model(cfg, num_values)
     return make_clip_model(cfg, int(meta["vocab_size"]))
 
 
-def load_trained(workdir: str, kind: str | None = None) -> tuple[nn.Module, Any, dict]:
-    """``(model, params, meta)`` of the trained encoder in `workdir`."""
+def load_trained(workdir: str, kind: str | None = None,
+                 num_values: Sequence[int] | None = None) -> tuple[nn.Module, Any, dict]:
+    """``(model, params, meta)`` of the trained encoder in `workdir` (`num_values`: see
+    `build_model`)."""
     meta = load_meta(workdir, kind)
     with open(os.path.join(workdir, PARAMS_FILE), "rb") as f:
         params = serialization.msgpack_restore(f.read())
-    return build_model(meta), params, meta
+    return build_model(meta, num_values), params, meta
 
 
 def load_image_encoder(workdir: str, kind: str) -> tuple[nn.Module, Any]:
     """``(ConvImageEncoder, its params)``: ``module.apply({"params": p}, uint8 images)`` gives
     ``{"tokens": [B, T, D], "pooled": [B, D]}``."""
-    from unif2ace_jax.models.encoders.synthface_face import make_image_encoder
-
     model, params, meta = load_trained(workdir, kind)
     cfg = _tuples(meta["model"])
     if kind == "clip":

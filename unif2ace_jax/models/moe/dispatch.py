@@ -35,6 +35,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
+from unif2ace_jax.models.moe.routing import expert_counts
+
 RAGGED_IMPLS = ("ragged_dot", "blocked")
 CAPACITY_METHODS = ("einsum", "gather")
 
@@ -83,11 +85,6 @@ def capacity_positions(indices: jax.Array, keep: jax.Array, num_experts: int) ->
     pos = jnp.take_along_axis(ranks, flat[:, None].astype(jnp.int32), axis=1)[:, 0]
     pos = jnp.where(flat_keep, pos, -1)
     return pos.reshape(k, T).T.astype(jnp.int32)
-
-
-def _group_sizes(indices: jax.Array, keep: jax.Array, num_experts: int) -> jax.Array:
-    one_hot = jax.nn.one_hot(indices, num_experts, dtype=jnp.int32)
-    return jnp.sum(one_hot * keep[..., None].astype(jnp.int32), axis=(0, 1))
 
 
 def _expert_of_rows(ends: jax.Array, rows: jax.Array, num_experts: int) -> jax.Array:
@@ -221,7 +218,7 @@ def ragged_dispatch_combine(x: jax.Array, indices: jax.Array, weights: jax.Array
     N = T * k
     keep = keep.astype(bool)
     pos = capacity_positions(indices, keep, X)  # rank of each copy within its expert
-    sizes = _group_sizes(indices, keep, X)
+    sizes = expert_counts(indices, keep, X)
 
     if impl == "ragged_dot":
         R = N

@@ -12,10 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from unif2ace_jax.models.moe.routing import MASKED_LOGIT
 from unif2ace_jax.models.sequences import GROUP_GEN, GROUP_UND, TASK_T2I
-
-# Finite stand-in for -inf: exp() of it is exactly 0 in float32 and gradients stay NaN-free.
-MASKED_LOGIT = -1e9
 
 
 def pooled_mean(h: jax.Array, valid: jax.Array) -> jax.Array:

@@ -103,7 +103,3 @@ class LFQuantizer(nn.Module):
             raise ValueError(f"LFQ expects {self.bits} latent channels, got shape {z.shape}")
         q = sign_quantize(z)
         return {"quantized": straight_through(z, q), "indices": latents_to_indices(z), "latents": z}
-
-    def decode_indices(self, indices: jax.Array, dtype=jnp.float32) -> jax.Array:
-        """``indices: [...]`` -> ``[..., k]`` ±1 codes."""
-        return indices_to_codes(indices, self.bits, dtype)

@@ -384,10 +384,6 @@ class ImageTokenizer(nn.Module):
         """``codes [B, h, w]`` int -> ``images [B, H, W, 3]`` float (unclipped)."""
         return self.decoder(indices_to_codes(codes, self.bits, jnp.float32))
 
-    def decode_latents(self, quantized: jax.Array) -> jax.Array:
-        """``quantized [B, h, w, k]`` (±1, or soft) -> ``images [B, H, W, 3]``."""
-        return self.decoder(quantized)
-
 
 def images_to_model(images: jax.Array) -> jax.Array:
     """uint8 ``[..., 3]`` in [0, 255] -> float32 in [-1, 1]."""
