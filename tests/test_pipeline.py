@@ -16,7 +16,6 @@ from unif2ace_jax.data.derive import derive_dataset
 from unif2ace_jax.data.text_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.sequences import TASK_MMU, TASK_T2I
-from unif2ace_jax.models.sequences import TASK_MMU, TASK_T2I
 from unif2ace_jax.models.vocab import TEXT_EOS_MARKER
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
