@@ -20,6 +20,7 @@ A trainer keeps its model, loss and data; this module owns the rest, in the orde
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -51,17 +52,20 @@ LAYOUT_DEFAULTS = {"dcn_mesh": None, "sharding": {"rules": ()}}
 
 
 def with_defaults(config: ml_collections.ConfigDict, defaults: dict) -> ml_collections.ConfigDict:
-    """A copy of `config` holding every field of `defaults` (a nested dict) that it lacks;
-    the config's own values win. Trainers then read their fields directly."""
-    return ml_collections.ConfigDict(_merge(defaults, config.to_dict()))
+    """A copy of `config` holding every field of `defaults` (a nested dict) that it lacks,
+    appended after its own fields, which win. Trainers then read their fields directly."""
+    merged = copy.deepcopy(config)
+    with merged.unlocked():
+        _fill(merged, defaults)
+    return merged
 
 
-def _merge(defaults: dict, given: dict) -> dict:
-    out = dict(defaults)
-    for key, value in given.items():
-        nested = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merge(out[key], value) if nested else value
-    return out
+def _fill(section: ml_collections.ConfigDict, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in section:
+            section[key] = value
+        elif isinstance(value, dict) and isinstance(section[key], ml_collections.ConfigDict):
+            _fill(section[key], value)
 
 
 # ============================================================================ layout
