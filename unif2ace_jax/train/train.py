@@ -56,6 +56,8 @@ from unif2ace_jax.train import loop
 from unif2ace_jax.train.loop import to_global  # noqa: F401  (the bench and tests lay out batches with it)
 from unif2ace_jax.train.progress import format_duration, progress_line
 
+# The fields `image_code_geometry` reads, with their defaults (it also serves aot and summary).
+GEOMETRY_DEFAULTS = {"tokenizer_workdir": "", "model": {"num_image_codes": 0, "image_grid": 0}}
 SHOWN = ("loss", "lr", "mask_ce", "mask_accuracy", "mmu_loss", "mmu_accuracy", "lm_loss")
 
 
@@ -68,9 +70,9 @@ def image_code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
     ``config.model.num_image_codes`` / ``image_grid`` must agree with it (or be 0).
     """
-    k = int(config.model.get("num_image_codes", 0))
-    grid = int(config.model.get("image_grid", 0))
-    tok_dir = config.get("tokenizer_workdir", "") or ""
+    config = loop.with_defaults(config, GEOMETRY_DEFAULTS)
+    k, grid = int(config.model.num_image_codes), int(config.model.image_grid)
+    tok_dir = config.tokenizer_workdir or ""
     if tok_dir:
         from unif2ace_jax.models.tokenizer import make_tokenizer
         from unif2ace_jax.models.tokenizer.pretrained import load_config
