@@ -17,7 +17,7 @@ from unif2ace_jax.data.pretokenize import CODES_FIELD, pretokenize
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer import make_tokenizer
 from unif2ace_jax.models.tokenizer.pretrained import TrainedTokenizer, load_tokenizer, save_tokenizer
-from unif2ace_jax.train.tokenizer import compile_cheaply
+from unif2ace_jax.checkpoint.state import compile_init as compile_cheaply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -176,7 +176,7 @@ def _fixed_batch_losses(kind, steps=12):
     step = loop.make_train_step(loss_fn, tx, schedule, shardings, bs)
     losses = []
     for _ in range(steps):
-        state, metrics = step(state, loop.global_batch(batch, bs))
+        state, metrics = step(state, loop.to_global(batch, bs))
         losses.append(float(metrics["loss"]))
     return losses
 

@@ -14,7 +14,7 @@ from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer import lfq, make_tokenizer
 from unif2ace_jax.models.tokenizer import magvit2
 from unif2ace_jax.models.tokenizer.discriminator import make_discriminator
-from unif2ace_jax.train.tokenizer import compile_cheaply
+from unif2ace_jax.checkpoint.state import compile_init as compile_cheaply
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

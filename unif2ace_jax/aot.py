@@ -203,8 +203,7 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
     from unif2ace_jax.parallel import rules as rules_lib
     from unif2ace_jax.checkpoint import state as state_lib
     from unif2ace_jax.optim import make_optimizer
-    from unif2ace_jax.train.train import (batch_shard_count, image_code_geometry,
-                                          make_train_step, sharding_context)
+    from unif2ace_jax.train.train import image_code_geometry, make_train_step, sharding_context
 
     try:
         desc = topologies.get_topology_desc(topo.name, "tpu",
@@ -224,7 +223,7 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
     k, grid = image_code_geometry(config)
     model = build_model(config.model, text_vocab_size=vocab, num_image_codes=k, image_grid=grid)
     global_batch = int(config.data.batch_size)
-    shards = batch_shard_count(mesh, rules)
+    shards = rules_lib.batch_shard_count(mesh, rules)
     if global_batch % shards:
         raise UserError(f"data.batch_size {global_batch} is not divisible by the {shards} batch "
                         f"shards of mesh {dict(mesh.shape)}")

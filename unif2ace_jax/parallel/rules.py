@@ -13,6 +13,7 @@ from typing import Any, Iterator, Sequence
 
 import flax.linen as nn
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unif2ace_jax.errors import UserError
@@ -95,3 +96,10 @@ def batch_sharding(mesh: Mesh, rules: Rules, ndim: int = 1) -> NamedSharding:
 def batch_shardings(batch: Any, mesh: Mesh, rules: Rules) -> Any:
     """A tree of batch shardings matching a tree of arrays (leading batch dim each)."""
     return jax.tree.map(lambda x: batch_sharding(mesh, rules, x.ndim), batch)
+
+
+def batch_shard_count(mesh: Mesh, rules: Rules) -> int:
+    """How many ways the logical "batch" axis of `rules` splits a batch over `mesh`."""
+    axis = dict(rules).get("batch")
+    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1

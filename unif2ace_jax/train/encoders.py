@@ -33,20 +33,28 @@ import numpy as np
 from unif2ace_jax.data import encoder_data
 from unif2ace_jax.data import images as images_lib
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.evaluate.judge import AccuracyTally
 from unif2ace_jax.models.encoders import synthface_saved
 from unif2ace_jax.models.encoders.contrastive import info_nce_loss, margin_attribute_loss
 from unif2ace_jax.models.encoders.synthface_clip import make_clip_model
 from unif2ace_jax.models.encoders.synthface_face import make_face_model
 from unif2ace_jax.models.judge import value_mask
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train import loop
 from unif2ace_jax.train.judge import random_shift
-from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train.progress import format_duration
 
 KINDS = ("face", "clip")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__)))), "configs", "encoders_synthface.py")
 EVAL_FILE = "eval.json"
+
+
+def default_config() -> dict:
+    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    section = {"train": {"keep_checkpoints": 3}}
+    return {**loop.LAYOUT_DEFAULTS, "data": {"eval_examples": 0, "tokenizer": {"model_path": ""}},
+            "face": {**section, "loss": {"shift": 0}}, "clip": section}
 
 
 # --------------------------------------------------------------------------- losses
@@ -62,7 +70,7 @@ def face_loss_fn(model, loss_cfg: Any, num_values: tuple[int, ...], seed: int) -
     """
     valid = jnp.asarray(value_mask(num_values))
     weight = float(loss_cfg.instance_weight)
-    shift = int(loss_cfg.get("shift", 0))
+    shift = int(loss_cfg.shift)
     log_scale = float(np.log(1.0 / float(loss_cfg.instance_temperature)))
 
     def loss_fn(params, batch, step):
@@ -116,8 +124,6 @@ def _chunks(n: int, size: int):
 
 def evaluate_face(model, params, arrays: dict[str, np.ndarray], batch_size: int = 250) -> dict:
     """Attribute accuracy of the cosine heads (argmax per attribute) on `arrays`."""
-    from unif2ace_jax.evaluate.judge import AccuracyTally
-
     apply = jax.jit(lambda p, x: jnp.argmax(model.apply({"params": p}, x)[1], axis=-1))
     tally = AccuracyTally(images_lib.attribute_names())
     for sl in _chunks(len(arrays["image"]), batch_size):
@@ -162,7 +168,7 @@ def _tokenizer(config: ml_collections.ConfigDict):
     from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
 
     tok = config.data.tokenizer
-    if not tok.get("model_path", None):
+    if not tok.model_path:
         raise UserError("config.data.tokenizer.model_path must name the SentencePiece model "
                         "(python -m unif2ace_jax.data train_tokenizer)")
     return make_text_tokenizer(tok.name, tok.model_path)
@@ -176,6 +182,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, kind: str, *,
         raise UserError(f"unknown encoder kind {kind!r}; known: {', '.join(KINDS)}")
     if not workdir:
         raise UserError("--workdir is required")
+    config = loop.with_defaults(config, default_config())
     section = config[kind]
     steps = int(section.train.steps)
     layout = loop.setup_mesh(config, int(section.train.batch_size), steps)
@@ -220,7 +227,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, kind: str, *,
 
     params = jax.device_get(run.state["params"])
     eval_data = encoder_data.load_split(config.data, config.data.eval_split, tokenizer=tokenizer,
-                                        num_examples=int(config.data.get("eval_examples", 0)))
+                                        num_examples=int(config.data.eval_examples))
     evaluate = evaluate_face if kind == "face" else evaluate_clip
     result = evaluate(model, params, eval_data)
     result.update(split=str(config.data.eval_split), train_seconds=run.train_seconds,

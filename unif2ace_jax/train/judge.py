@@ -19,10 +19,17 @@ import jax.numpy as jnp
 import ml_collections
 
 from unif2ace_jax.data import images as images_lib
+from unif2ace_jax.evaluate import judge as judge_eval  # the saved-judge format lives there
 from unif2ace_jax.models.judge import AttributeJudge, judge_loss, make_judge
-from unif2ace_jax.train import loop
 from unif2ace_jax.optim import make_optimizer
+from unif2ace_jax.train import loop
 from unif2ace_jax.train.progress import format_duration
+
+
+def default_config() -> dict:
+    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    return {**loop.LAYOUT_DEFAULTS, "data": {"cache": False, "num_threads": 2},
+            "train": {"augment_shift": 0, "keep_checkpoints": 3}}
 
 
 def random_shift(images: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
@@ -66,24 +73,23 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     `stop_at` ends the run after that step with a checkpoint, as a preemption would (returns
     None; running again resumes).
     """
-    from unif2ace_jax.evaluate import judge as judge_eval  # the saved-judge format lives there
-
+    config = loop.with_defaults(config, default_config())
     steps = int(config.train.steps)
     layout = loop.setup_mesh(config, int(config.train.batch_size), steps)
 
     os.makedirs(workdir, exist_ok=True)
     t_data = time.perf_counter()
-    if config.data.get("cache", False):
+    if config.data.cache:
         print(f"[judge] reading {config.data.num_examples} training faces into memory "
               f"({config.data.source})", flush=True)
     iterator = images_lib.image_batches(config.data, "train", layout.local_batch,
                                         seed=config.seed,
-                                        num_threads=int(config.data.get("num_threads", 2)))
+                                        num_threads=int(config.data.num_threads))
     image_size = int(config.data.image_size)
     model = make_judge(config.model, images_lib.num_values())
     tx, schedule = make_optimizer(config.optim, steps)
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.uint8)
-    loss_fn = judge_loss_fn(model, augment_shift=int(config.train.get("augment_shift", 0)),
+    loss_fn = judge_loss_fn(model, augment_shift=int(config.train.augment_shift),
                             seed=int(config.seed))
     run = loop.train_model("judge", workdir, init_fn=lambda key: model.init(key, dummy)["params"],
                            loss_fn=loss_fn, tx=tx, schedule=schedule, layout=layout,

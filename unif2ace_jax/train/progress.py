@@ -101,3 +101,18 @@ def read_metrics(workdir: str) -> list[dict]:
         return []
     with open(path) as f:
         return [json.loads(line) for line in f if line.strip()]
+
+
+def progress_line(name: str, total: int, step: int, metrics: Mapping[str, float],
+                  record: Mapping[str, Any], *, shown: tuple[str, ...], items: str) -> str:
+    """``[name] step S/T (P%) | key value | ... | throughput | R step/s | ETA``.
+
+    `shown`: the keys of `metrics` to print (those present); `items`: the throughput, a format
+    string over `record`, e.g. ``"{tokens_per_s:,.0f} tok/s"``.
+    """
+    rate = record["steps_per_s"]
+    eta = format_duration((total - step) / rate) if rate > 0 else "?"
+    parts = [f"[{name}] step {step:>{len(str(total))}}/{total} ({100 * step / total:.0f}%)"]
+    parts += [f"{key} {metrics[key]:.4g}" for key in shown if key in metrics]
+    parts += [items.format(**record), f"{rate:.2f} step/s", f"ETA {eta}"]
+    return " | ".join(parts)

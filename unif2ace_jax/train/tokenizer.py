@@ -19,12 +19,11 @@ has completed.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
-import time
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -32,7 +31,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unif2ace_jax.checkpoint.manager import Checkpointer
+from unif2ace_jax.checkpoint import state as state_lib
 from unif2ace_jax.data import images as images_lib
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.evaluate.tokenizer import evaluate_params, make_reconstruct_fn
@@ -41,11 +40,10 @@ from unif2ace_jax.models.tokenizer import make_tokenizer
 from unif2ace_jax.models.tokenizer.discriminator import PatchDiscriminator, make_discriminator
 from unif2ace_jax.models.tokenizer.magvit2 import ImageTokenizer, images_to_model
 from unif2ace_jax.models.tokenizer.pretrained import CONFIG_FILE, save_tokenizer
-from unif2ace_jax.parallel import mesh as mesh_lib
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import loop
-from unif2ace_jax.optim import make_optimizer
-from unif2ace_jax.train.progress import MetricsLogger, format_duration
+from unif2ace_jax.train.progress import format_duration, progress_line
 from unif2ace_jax.utils.image_grid import save_image_grid
 
 TRAIN_SUMMARY = "train_summary.json"  # written once training has completed
@@ -59,13 +57,33 @@ class Parts(NamedTuple):
     disc_tx: optax.GradientTransformation | None
 
 
+# ============================================================================ config, model
+
+
+def default_config() -> dict:
+    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    return {**loop.LAYOUT_DEFAULTS,
+            "model": {"dtype": "float32", "param_dtype": "float32"},
+            "data": {"num_threads": 2},
+            "loss": {"gan": 0.0, "gan_start_step": 0, "entropy_temperature": 1.0,
+                     "entropy_mode": "full"},
+            "train": {"keep_checkpoints": 2, "num_grid_images": 16, "image_every": 0,
+                      "eval_examples": 0}}
+
+
+def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """`config` with the trainer's defaults filled in."""
+    return loop.with_defaults(config, default_config())
+
+
 def gan_enabled(config: ml_collections.ConfigDict) -> bool:
-    return float(config.loss.get("gan", 0.0)) > 0.0
+    return float(resolve_config(config).loss.gan) > 0.0
 
 
 def build(config: ml_collections.ConfigDict) -> Parts:
     """Model, optimizer and (when the GAN loss is on) discriminator from `config`."""
-    if config.loss.get("entropy_mode", "full") not in tok_losses.ENTROPY_MODES:
+    config = resolve_config(config)
+    if config.loss.entropy_mode not in tok_losses.ENTROPY_MODES:
         raise UserError(f"loss.entropy_mode must be one of {tok_losses.ENTROPY_MODES}, "
                         f"got {config.loss.entropy_mode!r}")
     model = make_tokenizer(config.model)
@@ -77,32 +95,17 @@ def build(config: ml_collections.ConfigDict) -> Parts:
     tx, schedule = make_optimizer(config.optim, steps)
     disc = disc_tx = None
     if gan_enabled(config):
-        disc = make_discriminator(config.discriminator, config.model.get("dtype", "float32"),
-                                  config.model.get("param_dtype", "float32"))
+        disc = make_discriminator(config.discriminator, config.model.dtype,
+                                  config.model.param_dtype)
         disc_tx, _ = make_optimizer(config.disc_optim, steps)
     return Parts(model, tx, schedule, disc, disc_tx)
 
 
-def compile_cheaply(fn, *args, out_shardings: Any = None):
-    """`jax.jit(fn)` compiled for `args`, with XLA's backend optimisation off on CPU.
-
-    For one-off functions (parameter init): on CPU, LLVM-optimising the unrolled threefry
-    random-number code of every initializer dominates (e.g. 38 s vs 11 s for the 64 px
-    tokenizer's init); the run time of such functions does not matter.
-    """
-    jitted = jax.jit(fn) if out_shardings is None else jax.jit(fn, out_shardings=out_shardings)
-    lowered = jitted.lower(*args)
-    if jax.default_backend() == "cpu":
-        return lowered.compile({"xla_backend_optimization_level": 0})
-    return lowered.compile()
-
-
 def init_state(parts: Parts, mesh: Mesh, rules: rules_lib.Rules, image_size: int,
                rng: jax.Array) -> tuple[dict, Any]:
-    """The train state laid out on `mesh`, and its shardings.
+    """The train state laid out on `mesh` (`checkpoint.state.init_state`), and its shardings.
 
     ``{"step", "params", "opt_state"}`` plus ``{"disc_params", "disc_opt_state"}`` with a GAN.
-    Shapes come from `jax.eval_shape`; the jitted init writes each array in its sharding.
     """
     dummy = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
 
@@ -117,11 +120,10 @@ def init_state(parts: Parts, mesh: Mesh, rules: rules_lib.Rules, image_size: int
             state["disc_opt_state"] = parts.disc_tx.init(disc_params)
         return state
 
-    abstract = jax.eval_shape(boxed_init, rng)
-    shardings = rules_lib.logical_shardings(abstract, mesh, rules)
-    init = compile_cheaply(lambda key: nn.meta.unbox(boxed_init(key)), rng,
-                           out_shardings=shardings)
-    return init(rng), shardings
+    return state_lib.init_state(boxed_init, mesh, rules, rng)
+
+
+# ============================================================================ loss and step
 
 
 def tokenizer_loss(model: ImageTokenizer, params: Any, images: jax.Array,
@@ -136,8 +138,7 @@ def tokenizer_loss(model: ImageTokenizer, params: Any, images: jax.Array,
     rec, parts = tok_losses.reconstruction_loss(images, recon, l1_weight=loss_cfg.l1,
                                                 l2_weight=loss_cfg.l2)
     sample_ent, batch_ent = tok_losses.lfq_entropy_terms(
-        out["latents"], temperature=loss_cfg.get("entropy_temperature", 1.0),
-        mode=loss_cfg.get("entropy_mode", "full"))
+        out["latents"], temperature=loss_cfg.entropy_temperature, mode=loss_cfg.entropy_mode)
     commit = tok_losses.commitment_loss(out["latents"], out["quantized"])
     loss = rec + loss_cfg.entropy * (sample_ent - batch_ent) + loss_cfg.commitment * commit
     k = model.codebook_size
@@ -197,6 +198,9 @@ def make_train_step(parts: Parts, loss_cfg: ml_collections.ConfigDict, state_sha
                    out_shardings=(state_shardings, replicated), donate_argnums=0)
 
 
+# ============================================================================ extras
+
+
 def write_recon_grid(path: str, images: np.ndarray, recon: np.ndarray) -> None:
     """PNG of pairs (input | reconstruction), 4 pairs per row."""
     pairs = np.stack([images, recon], axis=1).reshape((-1,) + images.shape[1:])
@@ -211,13 +215,52 @@ def _eval_data_config(config: ml_collections.ConfigDict, num: int) -> ml_collect
     return data
 
 
-def _progress_line(step: int, steps: int, mean: dict, record: dict, shown) -> str:
-    rate = record["steps_per_s"]
-    eta = format_duration((steps - step) / rate) if rate > 0 else "?"
-    parts = [f"[tokenizer] step {step:>{len(str(steps))}}/{steps} ({100 * step / steps:.0f}%)"]
-    parts += [f"{k} {mean[k]:.4g}" for k in shown if k in mean]
-    parts += [f"{record['img_per_s']:,.1f} img/s", f"{rate:.2f} step/s", f"ETA {eta}"]
-    return " | ".join(parts)
+def _grid_hook(config: ml_collections.ConfigDict, model: ImageTokenizer, workdir: str):
+    """``write(step, state)``: a reconstruction grid of a fixed set of test faces at
+    ``DIR/images/recon_STEP.png`` (nothing without ``train.num_grid_images``)."""
+    num = int(config.train.num_grid_images)
+    images = None
+    if num > 0:
+        batches = images_lib.image_batches(_eval_data_config(config, num), config.train.eval_split,
+                                           num, shuffle=False, repeat=False, drop_remainder=False,
+                                           process_index=0, process_count=1)
+        images = next(batches)["image"]
+    reconstruct = make_reconstruct_fn(model)
+
+    def write(step: int, state: dict) -> None:
+        if images is None or jax.process_index() != 0:
+            return
+        _, recon = reconstruct(state["params"], images)
+        write_recon_grid(os.path.join(workdir, "images", f"recon_{step:06d}.png"), images,
+                         np.asarray(recon))
+
+    return write
+
+
+def _finish(config: ml_collections.ConfigDict, model: ImageTokenizer, workdir: str,
+            run: loop.FitResult) -> dict:
+    """The end-of-training evaluation, its metrics record and ``DIR/train_summary.json``."""
+    record: dict = {"train_seconds": run.train_seconds, "trained_steps": run.step - run.first_step}
+    num_eval = int(config.train.eval_examples)
+    if num_eval > 0:
+        result = evaluate_params(model, run.state["params"], _eval_data_config(config, num_eval),
+                                 config.train.eval_split, batch_size=min(100, num_eval))
+        record.update({f"eval_{k}": v for k, v in result.items()})
+        print(f"[tokenizer] {config.train.eval_split}: PSNR {result['psnr']:.2f} dB, code usage "
+              f"{result['code_usage']:.3f}, perplexity {result['code_perplexity']:.1f} "
+              f"({result['num_images']} faces)", flush=True)
+    run.logger.log(run.step, record, print_line=False)
+    if jax.process_index() == 0:  # written last: its presence says training completed
+        path = os.path.join(workdir, TRAIN_SUMMARY)
+        with open(path + ".tmp", "w") as f:
+            json.dump({"step": run.step, **record}, f)
+        os.replace(path + ".tmp", path)
+    print(f"[tokenizer] trained {run.step - run.first_step} steps in "
+          f"{format_duration(run.train_seconds)}; tokenizer exported to {workdir}", flush=True)
+    return record
+
+
+# ============================================================================ the trainer
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | None = None) -> dict:
@@ -227,121 +270,67 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     `stop_at`: leave the loop after this step as an interrupted run would (a checkpoint is
     written there; no final evaluation); a later call resumes. For tests and time-boxed jobs.
     """
+    # ======================================================================= config and mesh
+    config = resolve_config(config)
     steps = int(config.train.steps)
-    global_batch = int(config.train.batch_size)
-    if steps <= 0 or global_batch <= 0:
-        raise UserError(f"train.steps and train.batch_size must be positive, got "
-                        f"{steps} and {global_batch}")
-    mesh = mesh_lib.make_mesh(config.mesh, config.get("dcn_mesh", None))
-    rules = rules_lib.get_rules(tuple(config.sharding.get("rules", ())))
-    shards = loop.batch_shards(mesh, rules)
-    if global_batch % jax.process_count() or global_batch % shards:
-        raise UserError(f"train.batch_size {global_batch} must be divisible by the "
-                        f"{jax.process_count()} processes and the {shards} data-parallel shards")
-    local_batch = global_batch // jax.process_count()
+    layout = loop.setup_mesh(config, int(config.train.batch_size), steps)
     parts = build(config)
     os.makedirs(workdir, exist_ok=True)
     loop.check_same_model(os.path.join(workdir, CONFIG_FILE), config, "a tokenizer")
 
-    iterator = images_lib.image_batches(config.data, "train", local_batch, seed=config.seed,
-                                        num_threads=int(config.data.get("num_threads", 2)))
+    # ======================================================================= data
+    iterator = images_lib.image_batches(config.data, "train", layout.local_batch,
+                                        seed=config.seed, num_threads=int(config.data.num_threads))
+
+    # ======================================================================= state and steps
     image_size = int(config.data.image_size)
-    state, state_shardings = init_state(parts, mesh, rules, image_size,
+    state, state_shardings = init_state(parts, layout.mesh, layout.rules, image_size,
                                         jax.random.key(config.seed))
-    image_sharding = rules_lib.batch_sharding(mesh, rules, 4)
-    loss_cfg = config.loss
-    gan_start = int(loss_cfg.get("gan_start_step", 0))
-    steps_fns = {False: make_train_step(parts, loss_cfg, state_shardings, image_sharding,
-                                        with_gan=False)}
-    if parts.disc is not None:
-        steps_fns[True] = make_train_step(parts, loss_cfg, state_shardings, image_sharding,
-                                          with_gan=True)
+    image_sharding = rules_lib.batch_sharding(layout.mesh, layout.rules, 4)
+    gan_start = int(config.loss.gan_start_step)
+    step_fns = {with_gan: make_train_step(parts, config.loss, state_shardings, image_sharding,
+                                          with_gan=with_gan)
+                for with_gan in ((False, True) if parts.disc is not None else (False,))}
 
-    checkpointer = Checkpointer(os.path.join(workdir, "checkpoints"),
-                                max_to_keep=int(config.train.get("keep_checkpoints", 2)),
-                                save_interval_steps=int(config.train.checkpoint_every))
-    state, first_step = loop.resume("tokenizer", workdir, checkpointer, state, state_shardings,
-                                    iterator)
-    n_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+    # ======================================================================= loop
     grid = image_size // parts.model.downsample_factor
-    print(f"[tokenizer] {n_params:,} parameters; {image_size}px -> {grid}x{grid} codes of "
-          f"{parts.model.codebook_size}; batch {global_batch}; mesh {dict(mesh.shape)}"
-          + (f"; GAN from step {gan_start}" if parts.disc is not None else ""), flush=True)
 
-    # A fixed set of test faces for the reconstruction grids.
-    num_grid = int(config.train.get("num_grid_images", 16))
-    grid_images = None
-    if num_grid > 0:
-        grid_iter = images_lib.image_batches(_eval_data_config(config, num_grid),
-                                             config.train.eval_split, num_grid, shuffle=False,
-                                             repeat=False, drop_remainder=False,
-                                             process_index=0, process_count=1)
-        grid_images = next(grid_iter)["image"]
-    reconstruct = make_reconstruct_fn(parts.model)
-    image_every = int(config.train.get("image_every", 0))
+    def on_start(first_step: int, state: dict) -> None:
+        del first_step
+        print(f"[tokenizer] {state_lib.count_params(state['params']):,} parameters; "
+              f"{image_size}px -> {grid}x{grid} codes of {parts.model.codebook_size}; "
+              f"batch {layout.global_batch}; mesh {dict(layout.mesh.shape)}"
+              + (f"; GAN from step {gan_start}" if parts.disc is not None else ""), flush=True)
 
-    def write_grid(step: int) -> None:
-        if grid_images is None or jax.process_index() != 0:
-            return
-        _, recon = reconstruct(state["params"], grid_images)
-        write_recon_grid(os.path.join(workdir, "images", f"recon_{step:06d}.png"), grid_images,
-                         np.asarray(recon))
+    write_grid = _grid_hook(config, parts.model, workdir)
+    image_every = int(config.train.image_every)
 
-    logger = MetricsLogger(workdir, steps, name="tokenizer", items_name="img",
-                           first_step=first_step)
-    log_every = max(int(config.train.log_every), 1)
-    shown = ("loss", "l1", "psnr", "batch_entropy", "batch_usage", "g_loss", "d_loss")
-    pending: list[dict] = []
-    t_train = time.perf_counter()
-    step = first_step
-    last = steps if stop_at is None else min(steps, int(stop_at))
-    while step < last:
-        local = next(iterator)["image"]
-        images = jax.make_array_from_process_local_data(image_sharding, np.asarray(local))
-        with_gan = parts.disc is not None and step >= gan_start
-        state, metrics = steps_fns[with_gan](state, images)
-        pending.append(metrics)
-        step += 1
-        logger.count(global_batch)
-        if step % log_every == 0 or step == steps:
-            host = jax.device_get(pending)
-            mean = {k: float(np.mean([m[k] for m in host if k in m])) for k in host[-1]}
-            pending = []
-            record = logger.log(step, mean, print_line=False)  # every metric to the jsonl
-            if jax.process_index() == 0:
-                print(_progress_line(step, steps, mean, record, shown), flush=True)
-        if checkpointer.save(step, state, iterator, force=step == last):
-            save_tokenizer(workdir, config, state["params"], step)
+    def after_step(step: int, state: dict) -> None:
         if image_every and (step % image_every == 0 or step == steps):
-            write_grid(step)
-    checkpointer.close()
-    train_seconds = time.perf_counter() - t_train
-    if step < steps:
-        print(f"[tokenizer] stopped at step {step} of {steps}; run again to resume", flush=True)
-        return {"train_seconds": train_seconds, "trained_steps": step - first_step}
-    if step == first_step:  # nothing left to train: still leave an export and a grid
-        save_tokenizer(workdir, config, state["params"], step)
-        write_grid(step)
+            write_grid(step, state)
 
-    record: dict = {"train_seconds": train_seconds, "trained_steps": step - first_step}
-    num_eval = int(config.train.get("eval_examples", 0))
-    if num_eval > 0:
-        result = evaluate_params(parts.model, state["params"],
-                                 _eval_data_config(config, num_eval), config.train.eval_split,
-                                 batch_size=min(100, num_eval))
-        record.update({f"eval_{k}": v for k, v in result.items()})
-        print(f"[tokenizer] {config.train.eval_split}: PSNR {result['psnr']:.2f} dB, code usage "
-              f"{result['code_usage']:.3f}, perplexity {result['code_perplexity']:.1f} "
-              f"({result['num_images']} faces)", flush=True)
-    logger.log(step, record, print_line=False)
-    if jax.process_index() == 0:  # written last: its presence says training completed
-        path = os.path.join(workdir, TRAIN_SUMMARY)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"step": step, **record}, f)
-        os.replace(path + ".tmp", path)
-    print(f"[tokenizer] trained {step - first_step} steps in {format_duration(train_seconds)}; "
-          f"tokenizer exported to {workdir}", flush=True)
-    return record
+    shown = ("loss", "l1", "psnr", "batch_entropy", "batch_usage", "g_loss", "d_loss")
+    run = loop.fit(
+        "tokenizer", workdir, state=state, state_shardings=state_shardings,
+        step_fn=lambda step: step_fns[parts.disc is not None and step >= gan_start],
+        iterator=iterator, batch_shardings=image_sharding, items_per_step=layout.global_batch,
+        steps=steps, checkpoint_every=int(config.train.checkpoint_every),
+        keep_checkpoints=int(config.train.keep_checkpoints),
+        logging=loop.Logging(every=int(config.train.log_every), average=True, at_stop=False,
+                             line=functools.partial(progress_line, "tokenizer", steps,
+                                                    shown=shown, items="{img_per_s:,.1f} img/s")),
+        hooks=loop.Hooks(
+            inputs=lambda host: host["image"],
+            on_start=on_start,
+            on_saved=lambda step, state: save_tokenizer(workdir, config, state["params"], step),
+            after_step=after_step),
+        stop_at=stop_at)
+    if not run.finished:
+        return {"train_seconds": run.train_seconds, "trained_steps": run.step - run.first_step}
+    if run.step == run.first_step:  # nothing left to train: still leave an export and a grid
+        save_tokenizer(workdir, config, run.state["params"], run.step)
+        write_grid(run.step, run.state)
+    return _finish(config, parts.model, workdir, run)
 
 
 def main(argv: list[str]) -> None:

@@ -2,14 +2,16 @@
 
     python -m unif2ace_jax.train --config=configs/synthface_tiny.py --workdir=DIR
 
-One readable loop in sections: config and mesh; data; model and parameters (``eval_shape`` ->
-logical shardings -> jitted init); optimizer; checkpoint restore; the jitted step; the loop.
+The trainer keeps the model, its loss and its data; `train.loop` (the skeleton shared by every
+trainer) does the mesh, the init (``eval_shape`` -> logical shardings -> jitted init), the resume,
+the loop, the logs and the checkpoints. `train` reads in sections: config and mesh; data; model
+and optimizer; state and step; loop.
 
 Config fields read here (see configs/synthface_tiny.py for a full example):
 
-* ``seed``, ``total_steps``, ``log_every``, ``ckpt_every``, ``keep_checkpoints``
-* ``mesh`` (sizes of data / fsdp / tensor / expert; one may be -1), ``dcn_mesh`` (optional),
-  ``sharding.rules`` (overrides of the logical rules table, `parallel/rules.py`)
+* ``seed``, ``total_steps``, ``log_every``, ``ckpt_every``, ``keep_checkpoints`` (default 2)
+* ``mesh`` (sizes of data / fsdp / tensor / expert; one may be -1), ``dcn_mesh`` (default none),
+  ``sharding.rules`` (overrides of the logical rules table, `parallel/rules.py`; default none)
 * ``optim`` (`optim.py`), ``loss`` (`losses/unified.py`)
 * ``model``: backbone fields (`models/backbone.py`) + ``num_image_codes`` (K) and ``image_grid``
   (h = w of the code grid; 0 = take both from the image tokenizer), ``vocab_pad_to_multiple``,
@@ -28,8 +30,8 @@ and Orbax checkpoints (train state + data-iterator position, async, keep-N) unde
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-import time
 import warnings
 from typing import Any
 
@@ -41,24 +43,26 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from unif2ace_jax.checkpoint.manager import Checkpointer
-from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.unified import UnifiedModel, build_model, default_features
-from unif2ace_jax.parallel import mesh as mesh_lib
-from unif2ace_jax.parallel import presets as presets_lib
-from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.checkpoint import state as state_lib
 from unif2ace_jax.checkpoint import trained as trained_lib
+from unif2ace_jax.errors import UserError
 from unif2ace_jax.losses.unified import MODEL_KEYS, model_inputs, unified_loss
-from unif2ace_jax.train import loop
+from unif2ace_jax.models.sequences import sequence_length
+from unif2ace_jax.models.unified import UnifiedModel, build_model, default_features
 from unif2ace_jax.optim import make_optimizer
-from unif2ace_jax.train.progress import MetricsLogger, format_duration
+from unif2ace_jax.parallel import presets as presets_lib
+from unif2ace_jax.parallel import rules as rules_lib
+from unif2ace_jax.train import loop
+from unif2ace_jax.train.loop import to_global  # noqa: F401  (the bench and tests lay out batches with it)
+from unif2ace_jax.train.progress import format_duration, progress_line
 
+# The fields `image_code_geometry` reads, with their defaults (it also serves aot and summary).
+GEOMETRY_DEFAULTS = {"tokenizer_workdir": "", "model": {"num_image_codes": 0, "image_grid": 0}}
 SHOWN = ("loss", "lr", "mask_ce", "mask_accuracy", "mmu_loss", "mmu_accuracy", "lm_loss")
 
 
-# ---------------------------------------------------------------------------------------------
-# Pieces the trainer, the bench and the tests share.
+# ============================================================================ pieces
+# Shared with the bench, the AOT check and the tests.
 
 
 def image_code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -66,9 +70,9 @@ def image_code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
     ``config.model.num_image_codes`` / ``image_grid`` must agree with it (or be 0).
     """
-    k = int(config.model.get("num_image_codes", 0))
-    grid = int(config.model.get("image_grid", 0))
-    tok_dir = config.get("tokenizer_workdir", "") or ""
+    config = loop.with_defaults(config, GEOMETRY_DEFAULTS)
+    k, grid = int(config.model.num_image_codes), int(config.model.image_grid)
+    tok_dir = config.tokenizer_workdir or ""
     if tok_dir:
         from unif2ace_jax.models.tokenizer import make_tokenizer
         from unif2ace_jax.models.tokenizer.pretrained import load_config
@@ -88,13 +92,6 @@ def image_code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
         raise UserError("model.num_image_codes and model.image_grid must be set (> 0) when no "
                         "tokenizer_workdir is given")
     return k, grid
-
-
-def batch_shard_count(mesh: Mesh, rules: rules_lib.Rules) -> int:
-    """How many ways the batch dimension is split over the mesh."""
-    axis = dict(rules).get("batch")
-    axes = (axis,) if isinstance(axis, str) else tuple(axis or ())
-    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
 
 
 @contextlib.contextmanager
@@ -154,12 +151,6 @@ def make_train_step(model: UnifiedModel, tx: optax.GradientTransformation,
     return run
 
 
-def to_global(batch: dict[str, np.ndarray], shardings: dict[str, NamedSharding]) -> dict:
-    """Per-host numpy batch -> global jax Arrays (`jax.make_array_from_process_local_data`)."""
-    return {k: jax.make_array_from_process_local_data(shardings[k], np.asarray(v))
-            for k, v in batch.items()}
-
-
 def _check_codes(batch: dict[str, np.ndarray], k: int, grid: int) -> None:
     codes = batch.get("image_codes")
     if codes is None:
@@ -178,8 +169,13 @@ def _feature_shapes(features: dict[str, Any]) -> dict:
             for k, v in features.items() if k not in ("task", "mask_ratio")}
 
 
-# ---------------------------------------------------------------------------------------------
-# The trainer
+# ============================================================================ the trainer
+
+
+def default_config() -> dict:
+    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    return {**loop.LAYOUT_DEFAULTS, "keep_checkpoints": 2, "tokenizer_workdir": "",
+            "data": {"extra_fields": ()}}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -192,20 +188,13 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     from unif2ace_jax.data.pipeline import load_tokenizer, make_train_iterator
 
     # ======================================================================= config and mesh
+    config = loop.with_defaults(presets_lib.apply_preset(config), default_config())
     total_steps = int(config.total_steps)
-    if total_steps <= 0:
-        raise UserError(f"total_steps must be positive, got {total_steps}")
-    config = presets_lib.apply_preset(config)  # config.sharding.preset -> mesh + rules
-    mesh = mesh_lib.make_mesh(config.mesh, config.get("dcn_mesh", None))
-    rules = rules_lib.get_rules(tuple(config.get("sharding", {}).get("rules", ())))
-    global_batch = int(config.data.batch_size)
-    shards = batch_shard_count(mesh, rules)
-    if global_batch % jax.process_count() or global_batch % shards:
-        raise UserError(f"data.batch_size {global_batch} must be divisible by the "
-                        f"{jax.process_count()} processes and the {shards} batch shards")
+    layout = loop.setup_mesh(config, int(config.data.batch_size), total_steps,
+                             batch_field="data.batch_size", steps_field="total_steps")
     os.makedirs(workdir, exist_ok=True)
     loop.check_same_model(os.path.join(workdir, trained_lib.RUN_FILE), config, "a run")
-    extra_fields = tuple(config.data.get("extra_fields", ()) or ())
+    extra_fields = tuple(config.data.extra_fields or ())
 
     # ======================================================================= data
     text_tokenizer = load_tokenizer(config.data)
@@ -218,33 +207,55 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     iterator.set_state(start_state)
     _check_codes(first, k, grid)
 
-    # ======================================================================= model
+    # ======================================================================= model and optimizer
     model = build_model(config.model, text_vocab_size=text_tokenizer.vocab_size,
                         num_image_codes=k, image_grid=grid)
     host_inputs = model_inputs(first, extra_fields)
     init_features = default_features(first["task"][:1], np.zeros((1,), np.float32),
                                      {n: v[:1] for n, v in host_inputs.items()
                                       if n not in MODEL_KEYS})
-
-    # ======================================================================= optimizer
     tx, schedule = make_optimizer(config.optim, total_steps)
 
-    # ======================================================================= parameters
+    # ======================================================================= state and step
     state, state_shardings = state_lib.create_train_state(
-        model, tx, mesh, rules, jax.random.key(int(config.seed)), init_features)
-    batch_shardings = {name: rules_lib.batch_sharding(mesh, rules, np.ndim(v))
-                       for name, v in host_inputs.items()}
+        model, tx, layout.mesh, layout.rules, jax.random.key(int(config.seed)), init_features)
+    batch_shardings = layout.batch_shardings({n: np.ndim(v) for n, v in host_inputs.items()})
+    train_step = make_train_step(model, tx, schedule, config.loss, state_shardings,
+                                 batch_shardings, layout.mesh, layout.rules,
+                                 seed=int(config.seed), extra_fields=extra_fields)
 
-    # ======================================================================= checkpoint restore
-    checkpointer = Checkpointer(os.path.join(workdir, trained_lib.CHECKPOINT_DIR),
-                                max_to_keep=int(config.get("keep_checkpoints", 2)),
-                                save_interval_steps=int(config.ckpt_every))
-    first_step = 0
-    if checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state_lib.abstract_state(state, state_shardings), iterator)
-        first_step = int(state["step"])
-        print(f"[train] resumed from step {first_step} in {workdir}", flush=True)
-    tok_dir = config.get("tokenizer_workdir", "") or ""
+    # ======================================================================= loop
+    seq_len = sequence_length(first["text"].shape[1], first["answer"].shape[1], grid * grid)
+
+    def on_start(first_step: int, state: dict) -> None:
+        del first_step
+        _save_run_info(workdir, config, text_tokenizer, k, grid, init_features)
+        print(f"[train] {state_lib.count_params(state['params']):,} parameters; vocab "
+              f"{model.vocab.size} (text {text_tokenizer.vocab_size}, {k} image codes, "
+              f"{grid}x{grid} per image); sequence {seq_len}; batch {layout.global_batch}; "
+              f"mesh {dict(layout.mesh.shape)}", flush=True)
+
+    line = functools.partial(progress_line, "train", total_steps, shown=SHOWN,
+                             items="{tokens_per_s:,.0f} tok/s")
+    run = loop.fit(
+        "train", workdir, state=state, state_shardings=state_shardings,
+        step_fn=lambda step: train_step, iterator=iterator, batch_shardings=batch_shardings,
+        items_per_step=layout.global_batch * seq_len, steps=total_steps,
+        checkpoint_every=int(config.ckpt_every), keep_checkpoints=int(config.keep_checkpoints),
+        logging=loop.Logging(every=int(config.log_every), items_name="tokens", average=True,
+                             keep_last=("lr",), line=line),
+        hooks=loop.Hooks(inputs=lambda host: model_inputs(host, extra_fields), on_start=on_start),
+        stop_after=stop_after)
+    print(f"[train] trained {run.step - run.first_step} steps in "
+          f"{format_duration(run.train_seconds)}; checkpoints in "
+          f"{os.path.join(workdir, loop.CHECKPOINT_DIR)}", flush=True)
+    return run.record
+
+
+def _save_run_info(workdir: str, config: ml_collections.ConfigDict, text_tokenizer: Any, k: int,
+                   grid: int, init_features: dict) -> None:
+    """``DIR/run.json``: the config, the tokenizers' paths, vocabulary sizes, feature specs."""
+    tok_dir = config.tokenizer_workdir or ""
     trained_lib.save_run_info(
         workdir, config, text_tokenizer=os.path.abspath(config.data.tokenizer.model_path),
         text_tokenizer_name=config.data.tokenizer.name,
@@ -252,52 +263,3 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         text_vocab_size=int(text_tokenizer.vocab_size), num_image_codes=k, image_grid=grid,
         feature_shapes=_feature_shapes(init_features),
         feature_encoders=trained_lib.feature_encoder_specs(config))
-    seq_len = first["text"].shape[1] + first["answer"].shape[1] + grid * grid + 5
-    print(f"[train] {state_lib.count_params(state['params']):,} parameters; vocab "
-          f"{model.vocab.size} (text {text_tokenizer.vocab_size}, {k} image codes, {grid}x{grid} "
-          f"per image); sequence {seq_len}; batch {global_batch}; mesh {dict(mesh.shape)}",
-          flush=True)
-
-    # ======================================================================= train step
-    train_step = make_train_step(model, tx, schedule, config.loss, state_shardings,
-                                 batch_shardings, mesh, rules, seed=int(config.seed),
-                                 extra_fields=extra_fields)
-
-    # ======================================================================= loop
-    logger = MetricsLogger(workdir, total_steps, name="train", items_name="tokens",
-                           first_step=first_step)
-    log_every = max(int(config.log_every), 1)
-    pending: list[dict] = []
-    record: dict = {}
-    t_start = time.perf_counter()
-    step = first_step
-    last_step = total_steps if stop_after is None else min(total_steps, first_step + stop_after)
-    while step < last_step:
-        batch = to_global(model_inputs(next(iterator), extra_fields), batch_shardings)
-        state, metrics = train_step(state, batch)
-        pending.append(metrics)
-        step += 1
-        logger.count(global_batch * seq_len)
-        if step % log_every == 0 or step == last_step:
-            host = jax.device_get(pending)
-            pending = []
-            mean = {key: float(np.mean([m[key] for m in host])) for key in host[-1]}
-            mean["lr"] = float(host[-1]["lr"])
-            record = logger.log(step, mean, print_line=False)
-            if jax.process_index() == 0:
-                print(_progress_line(step, total_steps, mean, record), flush=True)
-        checkpointer.save(step, state, iterator, force=step == last_step)
-    checkpointer.close()
-    seconds = time.perf_counter() - t_start
-    print(f"[train] trained {step - first_step} steps in {format_duration(seconds)}; "
-          f"checkpoints in {os.path.join(workdir, trained_lib.CHECKPOINT_DIR)}", flush=True)
-    return record
-
-
-def _progress_line(step: int, total: int, mean: dict, record: dict) -> str:
-    rate = record["steps_per_s"]
-    eta = format_duration((total - step) / rate) if rate > 0 else "?"
-    parts = [f"[train] step {step:>{len(str(total))}}/{total} ({100 * step / total:.0f}%)"]
-    parts += [f"{key} {mean[key]:.4g}" for key in SHOWN if key in mean]
-    parts += [f"{record['tokens_per_s']:,.0f} tok/s", f"{rate:.2f} step/s", f"ETA {eta}"]
-    return " | ".join(parts)
