@@ -41,6 +41,7 @@ from unif2ace_jax.models.encoders.synthface_face import make_face_model
 from unif2ace_jax.models.judge import value_mask
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train import loop
+from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.judge import random_shift
 from unif2ace_jax.train.progress import format_duration
 
@@ -51,7 +52,7 @@ EVAL_FILE = "eval.json"
 
 
 def default_config() -> dict:
-    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    """The trainer's defaults for the fields a config may leave out (`fill_missing`)."""
     section = {"train": {"keep_checkpoints": 3}}
     return {**loop.LAYOUT_DEFAULTS, "data": {"eval_examples": 0, "tokenizer": {"model_path": ""}},
             "face": {**section, "loss": {"shift": 0}}, "clip": section}
@@ -182,7 +183,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, kind: str, *,
         raise UserError(f"unknown encoder kind {kind!r}; known: {', '.join(KINDS)}")
     if not workdir:
         raise UserError("--workdir is required")
-    config = loop.with_defaults(config, default_config())
+    config = fill_missing(config, default_config())
     section = config[kind]
     steps = int(section.train.steps)
     layout = loop.setup_mesh(config, int(section.train.batch_size), steps)

@@ -23,11 +23,12 @@ from unif2ace_jax.evaluate import judge as judge_eval  # the saved-judge format 
 from unif2ace_jax.models.judge import AttributeJudge, judge_loss, make_judge
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train import loop
+from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.progress import format_duration
 
 
 def default_config() -> dict:
-    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    """The trainer's defaults for the fields a config may leave out (`fill_missing`)."""
     return {**loop.LAYOUT_DEFAULTS, "data": {"cache": False, "num_threads": 2},
             "train": {"augment_shift": 0, "keep_checkpoints": 3}}
 
@@ -73,7 +74,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at: int | Non
     `stop_at` ends the run after that step with a checkpoint, as a preemption would (returns
     None; running again resumes).
     """
-    config = loop.with_defaults(config, default_config())
+    config = fill_missing(config, default_config())
     steps = int(config.train.steps)
     layout = loop.setup_mesh(config, int(config.train.batch_size), steps)
 

@@ -4,7 +4,8 @@ image tokenizer (`train.tokenizer`), the attribute judge (`train.judge`) and the
 
 A trainer keeps its model, loss and data; this module owns the rest, in the order a run goes:
 
-* config: `with_defaults` fills the fields a trainer reads from its one `default_config()`;
+* config: `fill_missing` (utils.defaults) fills the fields a trainer reads from its one
+  `default_config()`;
 * layout: mesh and rules from ``config.mesh`` / ``dcn_mesh`` / ``sharding.rules``, batch-size
   checks (`setup_mesh`); a resumed run must build the same model (`check_same_model`);
 * train state: ``eval_shape`` -> logical shardings -> jitted init (`checkpoint.state.init_state`;
@@ -20,7 +21,6 @@ A trainer keeps its model, loss and data; this module owns the rest, in the orde
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import json
 import os
@@ -39,33 +39,17 @@ from unif2ace_jax.errors import UserError
 from unif2ace_jax.parallel import mesh as mesh_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train.progress import MetricsLogger, format_duration
+from unif2ace_jax.utils.defaults import fill_missing
 
 LossFn = Callable[[Any, dict, jax.Array], tuple[jax.Array, dict]]
 StepFn = Callable[[Any, Any], tuple[Any, dict]]
 CHECKPOINT_DIR = "checkpoints"
 
-# The layout fields every trainer reads, with their defaults (`with_defaults`).
+# The layout fields every trainer reads, with their defaults (`fill_missing`).
 LAYOUT_DEFAULTS = {"dcn_mesh": None, "sharding": {"rules": ()}}
 
 
 # ============================================================================ config defaults
-
-
-def with_defaults(config: ml_collections.ConfigDict, defaults: dict) -> ml_collections.ConfigDict:
-    """A copy of `config` holding every field of `defaults` (a nested dict) that it lacks,
-    appended after its own fields, which win. Trainers then read their fields directly."""
-    merged = copy.deepcopy(config)
-    with merged.unlocked():
-        _fill(merged, defaults)
-    return merged
-
-
-def _fill(section: ml_collections.ConfigDict, defaults: dict) -> None:
-    for key, value in defaults.items():
-        if key not in section:
-            section[key] = value
-        elif isinstance(value, dict) and isinstance(section[key], ml_collections.ConfigDict):
-            _fill(section[key], value)
 
 
 # ============================================================================ layout
@@ -90,7 +74,7 @@ def setup_mesh(config: ml_collections.ConfigDict, global_batch: int, steps: int,
     """The run's `Layout` (`LAYOUT_DEFAULTS` where `config` leaves a field out); UserError
     when the batch does not split over processes and shards. `*_field` name the fields in
     messages."""
-    config = with_defaults(config, LAYOUT_DEFAULTS)
+    config = fill_missing(config, LAYOUT_DEFAULTS)
     if steps <= 0 or global_batch <= 0:
         raise UserError(f"{steps_field} and {batch_field} must be positive, got "
                         f"{steps} and {global_batch}")

@@ -43,6 +43,7 @@ from unif2ace_jax.models.tokenizer.pretrained import CONFIG_FILE, save_tokenizer
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import loop
+from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.progress import format_duration, progress_line
 from unif2ace_jax.utils.image_grid import save_image_grid
 
@@ -61,7 +62,7 @@ class Parts(NamedTuple):
 
 
 def default_config() -> dict:
-    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    """The trainer's defaults for the fields a config may leave out (`fill_missing`)."""
     return {**loop.LAYOUT_DEFAULTS,
             "model": {"dtype": "float32", "param_dtype": "float32"},
             "data": {"num_threads": 2},
@@ -73,7 +74,7 @@ def default_config() -> dict:
 
 def resolve_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """`config` with the trainer's defaults filled in."""
-    return loop.with_defaults(config, default_config())
+    return fill_missing(config, default_config())
 
 
 def gan_enabled(config: ml_collections.ConfigDict) -> bool:

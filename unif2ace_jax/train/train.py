@@ -53,6 +53,7 @@ from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import presets as presets_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import loop
+from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.loop import to_global  # noqa: F401  (the bench and tests lay out batches with it)
 from unif2ace_jax.train.progress import format_duration, progress_line
 
@@ -70,7 +71,7 @@ def image_code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
 
     ``config.model.num_image_codes`` / ``image_grid`` must agree with it (or be 0).
     """
-    config = loop.with_defaults(config, GEOMETRY_DEFAULTS)
+    config = fill_missing(config, GEOMETRY_DEFAULTS)
     k, grid = int(config.model.num_image_codes), int(config.model.image_grid)
     tok_dir = config.tokenizer_workdir or ""
     if tok_dir:
@@ -173,7 +174,7 @@ def _feature_shapes(features: dict[str, Any]) -> dict:
 
 
 def default_config() -> dict:
-    """The trainer's defaults for the fields a config may leave out (`loop.with_defaults`)."""
+    """The trainer's defaults for the fields a config may leave out (`fill_missing`)."""
     return {**loop.LAYOUT_DEFAULTS, "keep_checkpoints": 2, "tokenizer_workdir": "",
             "data": {"extra_fields": ()}}
 
@@ -188,7 +189,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     from unif2ace_jax.data.pipeline import load_tokenizer, make_train_iterator
 
     # ======================================================================= config and mesh
-    config = loop.with_defaults(presets_lib.apply_preset(config), default_config())
+    config = fill_missing(presets_lib.apply_preset(config), default_config())
     total_steps = int(config.total_steps)
     layout = loop.setup_mesh(config, int(config.data.batch_size), total_steps,
                              batch_field="data.batch_size", steps_field="total_steps")

@@ -8,6 +8,7 @@ existed still loads.
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Iterable, Mapping
 
 import ml_collections
@@ -51,3 +52,20 @@ def with_defaults(defaults: ml_collections.ConfigDict, given: Mapping | None = N
     """
     merged = _merge(_plain(defaults), _plain(given or {}), where, frozenset(whole))
     return ml_collections.ConfigDict(merged)
+
+
+def fill_missing(config: ml_collections.ConfigDict, defaults: dict) -> ml_collections.ConfigDict:
+    """A copy of `config` holding every field of `defaults` (a nested dict) that it lacks,
+    appended after its own fields, which win. Trainers then read their fields directly."""
+    merged = copy.deepcopy(config)
+    with merged.unlocked():
+        _fill(merged, defaults)
+    return merged
+
+
+def _fill(section: ml_collections.ConfigDict, defaults: dict) -> None:
+    for key, value in defaults.items():
+        if key not in section:
+            section[key] = value
+        elif isinstance(value, dict) and isinstance(section[key], ml_collections.ConfigDict):
+            _fill(section[key], value)
