@@ -1,4 +1,4 @@
-"""The DESIGN §10 reference benchmark shape, for bench/train_step.py.
+"""The docs/DESIGN.md §10 reference benchmark shape, for bench/train_step.py.
 
     python bench/train_step.py --config=configs/bench_reference.py [--torch]
 

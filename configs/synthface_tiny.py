@@ -76,10 +76,10 @@ def _encoder_name(name: str) -> str:
 def _apply_moe(config: ml_collections.ConfigDict, opts: dict) -> None:
     """The MoE ablation settings (paper Table 4) on top of the dense model.
 
-    token: the FFN slot becomes the token-level grouped MoE (DESIGN §4): per group (gen, und)
+    token: the FFN slot becomes the token-level grouped MoE (docs/DESIGN.md §4): per group (gen, und)
     1 shared + 8 routed experts, top-4, so that the active hidden units per token equal the
     dense FFN's (shared = hidden/2, routed = hidden/8). seq: the sequence-level grouped MoE
-    (DESIGN §5) with und = (copy, copy, clip, face), gen = (copy, copy, zero, noise).
+    (docs/DESIGN.md §5) with und = (copy, copy, clip, face), gen = (copy, copy, zero, noise).
     ``off`` replaces the named experts by ``zero`` (router columns kept), ``drop`` removes them.
     """
     moe, hidden = opts["moe"], int(config.model.ffn.hidden)

@@ -1,4 +1,4 @@
-"""UniF²ace at paper scale (DESIGN §1, §3, §10): 24 layers, width 2048, 32 heads, FFN 8192.
+"""UniF²ace at paper scale (docs/DESIGN.md §1, §3, §10): 24 layers, width 2048, 32 heads, FFN 8192.
 
     python -m unif2ace_jax.train --config=configs/unif2ace_1p8b.py --workdir=DIR \\
         --config.tokenizer_workdir=TOK_DIR --config.data.data_dir=DATA_DIR
@@ -11,7 +11,7 @@ devices). Data: the pre-tokenised UniF2ace-130K (records with ``image_codes`` an
 ``clip`` (768-d CLIP image embedding) and ``face`` (512-d AntelopeV2-type identity embedding)
 fields the seq-MoE reads, `data.extra_fields`).
 
-The paper's multi-level grouped MoE (DESIGN §4, §5), with every block
+The paper's multi-level grouped MoE (docs/DESIGN.md §4, §5), with every block
 ``x + Attn(LN x) + TokenMoE(LN x)`` then ``x + SeqMoE(LN x)``:
 
 * token-level MoE in the FFN slot: per group (gen, und) 1 shared + 8 routed experts, top-4
@@ -31,7 +31,7 @@ Parameter count (`python -m unif2ace_jax.summary --config=configs/unif2ace_1p8b.
 vocabulary = Show-o's Phi-1.5 tokenizer, 50,295 ids, ``assumed_text_vocab_size``): 1,800,584,592
 in total; per token 1,029,875,040 (und) / 1,010,797,872 (gen) active. A text tokenizer of another size moves the
 total by 4096 parameters per id (embedding + lm head).
-Optimizer after Show-o's fine-tuning (DESIGN §12): AdamW (0.9, 0.999), wd 0.01, lr 5e-5 with
+Optimizer after Show-o's fine-tuning (docs/DESIGN.md §12): AdamW (0.9, 0.999), wd 0.01, lr 5e-5 with
 1k warm-up and cosine decay. `tiny`: the same layout at CPU size (a smoke run needs a prepared
 dataset like every training run).
 """

@@ -1,4 +1,4 @@
-"""D3Diff loss (DESIGN §6): every listed property, against numpy and exact enumeration."""
+"""D3Diff loss (docs/DESIGN.md §6): every listed property, against numpy and exact enumeration."""
 
 import itertools
 import math
@@ -36,7 +36,7 @@ def np_ce(logits, targets):
 
 
 def np_dse_definition(logits, targets, m, param):
-    """DESIGN's definition, literally: sum_y exp(l_y) - r l_x0 + r (log r - 1)."""
+    """docs/DESIGN.md §6's definition, literally: sum_y exp(l_y) - r l_x0 + r (log r - 1)."""
     f = np.asarray(logits, np.float64)
     k = f.shape[-1]
     r = ((1 - m) / m)[:, None]

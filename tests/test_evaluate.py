@@ -73,7 +73,7 @@ def test_evaluate_reports_every_metric():
 @pytest.mark.slow
 def test_nelbo_of_a_uniform_predictor_is_log2_k():
     """Zero code heads: every code has logit 0, the ``free`` score is exactly r/K per code, and the
-    expected NELBO per token is log2 K (DESIGN §6) — the estimate must land near it."""
+    expected NELBO per token is log2 K (docs/DESIGN.md §6) — the estimate must land near it."""
     from unif2ace_jax.evaluate.unified import nelbo
     from unif2ace_jax.checkpoint.trained import load_trained
 

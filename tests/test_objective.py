@@ -1,7 +1,7 @@
 """The unified objective: masking, layout, image-logit gather and the weighted sum of the losses.
 
 The reference recomputes everything from the backbone's full ``[B, L, V]`` logits with a python
-loop that knows the row layouts (DESIGN §2) by hand, not through the code under test.
+loop that knows the row layouts (docs/DESIGN.md §2) by hand, not through the code under test.
 """
 
 import jax

@@ -49,7 +49,7 @@ def partial_canvas(b, n, seed, known_frac=0.4):
 
 
 def maskgit_reference_counts(u0, n_steps):
-    """Masks left after each MaskGIT step (DESIGN §7), a plain python loop in float64."""
+    """Masks left after each MaskGIT step (docs/DESIGN.md §7), a plain python loop in float64."""
     left, out = u0, []
     for k in range(n_steps):
         if k == n_steps - 1:

@@ -27,7 +27,7 @@ def test_cosine_matches_show_o_and_design():
     np.testing.assert_allclose(s.from_uniform(u, xp=np), np.cos(np.pi * u / 2), atol=1e-12)
     m = np.sin(np.pi * TAU / 2)
     np.testing.assert_allclose(s.mask_ratio(TAU, xp=np), m, atol=1e-12)
-    design = (np.pi / 2) * np.sqrt(1 - m**2) / (1 - m)  # DESIGN §6
+    design = (np.pi / 2) * np.sqrt(1 - m**2) / (1 - m)  # docs/DESIGN.md §6
     np.testing.assert_allclose(s.dsigma_dtau(m, xp=np), design, rtol=1e-12)
     np.testing.assert_allclose(s.elbo_weight(m, xp=np), (np.pi / 2) * np.sqrt(1 - m**2) / m,
                                rtol=1e-12)

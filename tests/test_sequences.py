@@ -1,4 +1,4 @@
-"""Sequence builder on hand-written cases (DESIGN §2 formats), every token list written out."""
+"""Sequence builder on hand-written cases (docs/DESIGN.md §2 formats), every token list written out."""
 
 import functools
 

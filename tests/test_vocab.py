@@ -1,4 +1,4 @@
-"""Vocabulary layout (DESIGN §2): [text | specials | image codes | MASK]."""
+"""Vocabulary layout (docs/DESIGN.md §2): [text | specials | image codes | MASK]."""
 
 import numpy as np
 import pytest

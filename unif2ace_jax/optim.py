@@ -8,7 +8,7 @@ Config section `config.optim`::
     grad_clip: global-norm clip (0 = off)
     accumulation_steps: micro-batches per update (1 = off; optax.MultiSteps)
 
-Show-o's defaults (DESIGN §12): betas (0.9, 0.999), eps 1e-8, weight decay 0.01, cosine schedule.
+Show-o's defaults (docs/DESIGN.md §12): betas (0.9, 0.999), eps 1e-8, weight decay 0.01, cosine schedule.
 """
 
 from __future__ import annotations

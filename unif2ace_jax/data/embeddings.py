@@ -1,6 +1,6 @@
 """Expert-encoder embeddings for the seq-MoE: precomputed into a new dataset, or on the fly.
 
-Prepare (the TPU-efficient path, DESIGN §5/§9)::
+Prepare (the TPU-efficient path, docs/DESIGN.md §5/§9)::
 
     python -m unif2ace_jax.data.embeddings --data_dir=DATA_DIR --dataset=synthface[/CONFIG] \\
         --encoders=synthface_face,synthface_clip --encoder_workdirs=FACE_DIR,CLIP_DIR \\

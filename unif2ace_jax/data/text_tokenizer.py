@@ -2,7 +2,7 @@
 
 The text tokenizer maps text to *text ids only*, in `[0, vocab_size)`. It adds no BOS/EOS/PAD:
 the model's special tokens (`<t2i> <mmu> <soi> <eoi> <bos> <eos> <pad> [MASK]`) are appended
-after the text vocabulary by the sequence builder (DESIGN §2), so a tokenizer must never emit an
+after the text vocabulary by the sequence builder (docs/DESIGN.md §2), so a tokenizer must never emit an
 id >= `vocab_size`. Id 0 is `<unk>` for SentencePiece models trained here.
 
 `gpt2_bpe` is GPT-2 byte-level BPE read from a local tokenizer directory (Phi-1.5's, for converted

@@ -1,4 +1,4 @@
-"""D3Diff: masked generative loss + alpha * denoising score entropy (DESIGN §6), a pure function.
+"""D3Diff: masked generative loss + alpha * denoising score entropy (docs/DESIGN.md §6), a pure function.
 
 Notation: ``N`` image positions per sequence, ``K`` image codes, mask ratio ``m`` per sequence,
 logits ``f`` over the K codes, target code ``x0``, ``M`` the masked positions, ``r = (1-m)/m``.
@@ -163,7 +163,7 @@ def d3diff_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array,
                 schedule: str | MaskSchedule = "cosine", score_parameterization: str = "free",
                 mask_weight: float = 1.0, example_mask: jax.Array | None = None
                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The D3Diff loss ``mask_weight * L_mask + alpha * L_score`` (DESIGN §6).
+    """The D3Diff loss ``mask_weight * L_mask + alpha * L_score`` (docs/DESIGN.md §6).
 
     Args:
       logits: [B, N, K] float (any dtype; the math runs in at least float32) over image codes.

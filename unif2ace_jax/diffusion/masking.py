@@ -1,4 +1,4 @@
-"""Training-time random masking of image codes for T2I (DESIGN §6), jit-friendly, static shapes.
+"""Training-time random masking of image codes for T2I (docs/DESIGN.md §6), jit-friendly, static shapes.
 
 Two processes, both drawing ``u ~ U(0,1)`` per example and ``m = schedule.from_uniform(u)``:
 

@@ -1,4 +1,4 @@
-"""Mask schedules of the absorbing ("[MASK]") discrete diffusion, chosen by name (DESIGN §6).
+"""Mask schedules of the absorbing ("[MASK]") discrete diffusion, chosen by name (docs/DESIGN.md §6).
 
 Time convention: diffusion time ``tau`` runs from 0 (clean image, mask ratio 0) to 1 (fully
 masked). Training draws ``u ~ U(0, 1)`` and uses ``tau = 1 - u`` (also uniform), so Show-o's

@@ -1,4 +1,4 @@
-"""Weighted next-token cross-entropy for the MMU (answers) and LM tasks (DESIGN §2), pure."""
+"""Weighted next-token cross-entropy for the MMU (answers) and LM tasks (docs/DESIGN.md §2), pure."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Image-tokenizer losses and metrics as pure functions (DESIGN §8).
+"""Image-tokenizer losses and metrics as pure functions (docs/DESIGN.md §8).
 
 * Reconstruction: ``l1 · mean|x - x̂| + l2 · mean (x - x̂)²`` on images in [-1, 1].
 * LFQ entropy loss: ``mean per-sample entropy - entropy of the batch-mean code distribution``

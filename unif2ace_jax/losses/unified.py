@@ -1,4 +1,4 @@
-"""The unified training objective on one raw batch (DESIGN §2, §6):
+"""The unified training objective on one raw batch (docs/DESIGN.md §2, §6):
 
     loss = w_t2i * L_D3Diff + w_mmu * L_mmu + w_lm * L_lm + sum(MoE aux losses)
 

@@ -1,4 +1,4 @@
-"""The unified transformer backbone, Phi-1.5 layout (DESIGN §3).
+"""The unified transformer backbone, Phi-1.5 layout (docs/DESIGN.md §3).
 
 ``embed_tokens -> layers (L blocks) -> final_layernorm -> lm_head`` (untied, with bias).
 

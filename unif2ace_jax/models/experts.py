@@ -1,4 +1,4 @@
-"""Experts of the sequence-level MoE (DESIGN §5), by kind: ``copy``, ``zero`` and ``feature``.
+"""Experts of the sequence-level MoE (docs/DESIGN.md §5), by kind: ``copy``, ``zero`` and ``feature``.
 
 Every expert maps the branch input ``x: [B, L, D]`` to ``[B, L, D]``:
 

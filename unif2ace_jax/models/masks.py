@@ -1,4 +1,4 @@
-"""Omni-attention mask (DESIGN §2, after Show-o): causal text, bidirectional image spans."""
+"""Omni-attention mask (docs/DESIGN.md §2, after Show-o): causal text, bidirectional image spans."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Sequence builder: raw T2I / MMU / LM examples -> token sequences of one static length.
 
-Formats (DESIGN §2)::
+Formats (docs/DESIGN.md §2)::
 
     T2I  <pad>… <t2i> <bos> caption <eos> <soi> img_1 … img_N <eoi>      (text part left-padded)
     MMU  <mmu> <soi> img_1 … img_N <eoi> <bos> question answer <eos> <pad>…

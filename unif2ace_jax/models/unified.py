@@ -1,6 +1,6 @@
 """The unified model as a whole: vocabulary + backbone from config, forward on a batch.
 
-This is glue around `Backbone` (DESIGN §1-§3): it fixes the vocabulary from the two tokenizers,
+This is glue around `Backbone` (docs/DESIGN.md §1-§3): it fixes the vocabulary from the two tokenizers,
 turns sequences (from `models.sequences`) into the omni-attention mask and backbone call, sums
 the MoE auxiliary losses, and gathers the image logits restricted to the K image-code ids.
 

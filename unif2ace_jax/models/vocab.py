@@ -1,4 +1,4 @@
-"""The shared token vocabulary of the unified model (DESIGN §2).
+"""The shared token vocabulary of the unified model (docs/DESIGN.md §2).
 
 Layout, in id order::
 

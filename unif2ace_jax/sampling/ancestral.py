@@ -1,4 +1,4 @@
-"""Ancestral sampler of the masked diffusion (DESIGN §7, [ours]): its true reverse process.
+"""Ancestral sampler of the masked diffusion (docs/DESIGN.md §7, [ours]): its true reverse process.
 
 Time grid ``tau_j = 1 - j/T`` (j = 0..T), ``m_j = m(tau_j)`` from the schedule. Step j goes from
 ``m_t = m_j`` to ``m_s = m_{j+1}``: every still-masked place is revealed independently with

@@ -5,7 +5,7 @@ unknown places, and ``out`` is either
 
 * ``logits`` [B, N, K] (no guidance), or
 * a pair ``(cond_logits, uncond_logits)``, each [B, N, K], combined as
-  ``(1 + w) * cond - w * uncond`` with the sampler's ``guidance`` w (DESIGN §7).
+  ``(1 + w) * cond - w * uncond`` with the sampler's ``guidance`` w (docs/DESIGN.md §7).
 
 ``paired_forward`` turns a model forward over a doubled batch (conditional prompts first, then the
 empty prompts) into such a pair, so cond and uncond run in one forward pass.

@@ -1,10 +1,10 @@
-"""MaskGIT parallel decoding for T2I (DESIGN §7, [Show-o]), one jit-able ``lax.fori_loop``.
+"""MaskGIT parallel decoding for T2I (docs/DESIGN.md §7, [Show-o]), one jit-able ``lax.fori_loop``.
 
 Step ``k = 0 .. T-1`` on a canvas of image codes with ``mask_id`` at unknown places:
 
 1. ``logits = guided(logits_fn(codes))`` (CFG ``(1+w) cond - w uncond`` for a pair, see guidance.py);
 2. every unknown place draws a code from ``softmax(logits / sample_temperature)``;
-3. confidence ``= log p(chosen) + noise_temperature * (1 - k/T) * Gumbel`` (DESIGN's annealing;
+3. confidence ``= log p(chosen) + noise_temperature * (1 - k/T) * Gumbel`` (docs/DESIGN.md §7's annealing;
    Show-o anneals by ``1 - (k+1)/T``, a one-step shift); known places get ``+inf``;
 4. the ``n_k`` least confident of the places unknown at this step are masked again, everything else
    is kept. ``n_k = floor(U0 * m((k+1)/T))`` with ``m`` the schedule's ``from_uniform`` (cosine:

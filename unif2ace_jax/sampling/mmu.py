@@ -1,4 +1,4 @@
-"""MMU (visual question answering) decoding with a KV cache (DESIGN §7).
+"""MMU (visual question answering) decoding with a KV cache (docs/DESIGN.md §7).
 
 The prefix ``<mmu> <soi> img… <eoi> <bos> question`` (from `build_mmu_prefix`, left or right
 padded) is run once through `Backbone.decode` with its omni-attention mask (bidirectional inside

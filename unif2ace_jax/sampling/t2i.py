@@ -1,4 +1,4 @@
-"""Model-level text-to-image sampling: captions -> image codes -> images (DESIGN §7).
+"""Model-level text-to-image sampling: captions -> image codes -> images (docs/DESIGN.md §7).
 
 `sample_codes` is one jitted function: it lays out the T2I prompts ``<t2i> <bos> caption <eos>
 <soi> [MASK]… <eoi>`` (with classifier-free guidance: the B conditional prompts and B prompts with

@@ -1,4 +1,4 @@
-"""Trains the SynthFace expert encoders of the sequence-level MoE (DESIGN §5).
+"""Trains the SynthFace expert encoders of the sequence-level MoE (docs/DESIGN.md §5).
 
     python -m unif2ace_jax.train.encoders --kind=face --workdir=DIR [--config=configs/encoders_synthface.py]
     python -m unif2ace_jax.train.encoders --kind=clip --workdir=DIR [--config=...]

@@ -1,4 +1,4 @@
-"""Trains the MAGVIT-v2-style LFQ image tokenizer (DESIGN §8).
+"""Trains the MAGVIT-v2-style LFQ image tokenizer (docs/DESIGN.md §8).
 
     python -m unif2ace_jax.train.tokenizer --config=configs/tokenizer_synthface_64.py --workdir=DIR
 

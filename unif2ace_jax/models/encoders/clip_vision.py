@@ -12,7 +12,7 @@ Forward pass (``pixel_values [B, H, W, C]``, NHWC, already CLIP-normalised; H = 
 Returns ``{"tokens": [B, 1 + g², D], "pooled": [B, D]}``. Weights convert from a Hugging Face
 checkpoint with ``python -m unif2ace_jax.convert.clip_vision`` (which writes
 ``DIR/clip_vision_params.msgpack`` + ``DIR/clip_vision_config.json``); `load_clip_vision` reads
-that directory back. The tower is a frozen feature encoder (DESIGN §5): call it outside the
+that directory back. The tower is a frozen feature encoder (docs/DESIGN.md §5): call it outside the
 trained model, or precompute its outputs into the records.
 """
 

@@ -1,4 +1,4 @@
-"""The noise-level encoder: a sinusoidal embedding of the mask ratio (DESIGN §5, [ours]).
+"""The noise-level encoder: a sinusoidal embedding of the mask ratio (docs/DESIGN.md §5, [ours]).
 
 The generation group's ``noise`` expert reads the fraction of masked image tokens of each
 sequence (its noise level, ``r`` in ``[0, 1]``) and embeds it like a diffusion timestep::

@@ -1,4 +1,4 @@
-"""Feature encoders by name (DESIGN §5): what turns raw data into the seq-MoE experts' inputs.
+"""Feature encoders by name (docs/DESIGN.md §5): what turns raw data into the seq-MoE experts' inputs.
 
 Each sequence-level feature expert names an encoder in the config
 (``model.seq_moe.experts.<expert>.encoder``, with options in ``encoder_config``). Two kinds:

@@ -1,4 +1,4 @@
-"""Router math for the token-level grouped MoE (DESIGN §4): pure functions, float32 throughout.
+"""Router math for the token-level grouped MoE (docs/DESIGN.md §4): pure functions, float32 throughout.
 
 Layout: the two expert groups are one layer of ``2E`` routed experts, experts
 ``[0, E)`` belong to the understanding group (``group == 0``) and ``[E, 2E)`` to the

@@ -1,4 +1,4 @@
-"""Sequence-level grouped MoE (DESIGN §5), registered in `SEQ_MOE_SLOTS` as "grouped_seq_moe".
+"""Sequence-level grouped MoE (docs/DESIGN.md §5), registered in `SEQ_MOE_SLOTS` as "grouped_seq_moe".
 
 The backbone adds it as a residual branch, ``x += SeqMoE(LN(x))``. One decision per sequence:
 

@@ -1,4 +1,4 @@
-"""Router math for the sequence-level grouped MoE (DESIGN §5): pure functions, float32 throughout.
+"""Router math for the sequence-level grouped MoE (docs/DESIGN.md §5): pure functions, float32 throughout.
 
 One routing decision per sequence. The two groups' experts are the columns of one router:
 columns ``[0, n_und)`` are the understanding group's expert list, ``[n_und, n_und + n_gen)`` the

@@ -1,4 +1,4 @@
-"""Token-level grouped MoE (DESIGN §4) in the backbone's FFN slot, registered as "token_moe".
+"""Token-level grouped MoE (docs/DESIGN.md §4) in the backbone's FFN slot, registered as "token_moe".
 
 Two expert groups, und (``group == 0``) and gen (``group == 1``), stored as one layer:
 

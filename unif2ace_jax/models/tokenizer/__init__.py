@@ -1,4 +1,4 @@
-"""Image tokenizers (DESIGN §8), chosen by `config.model.name` through `TOKENIZERS`.
+"""Image tokenizers (docs/DESIGN.md §8), chosen by `config.model.name` through `TOKENIZERS`.
 
 A factory takes the ``config.model`` ConfigDict and returns a Flax module with ``encode``,
 ``decode`` and ``__call__`` as documented on `magvit2.ImageTokenizer`.

@@ -1,4 +1,4 @@
-"""MAGVIT-v2-style convolutional image tokenizer with lookup-free quantization (DESIGN §8).
+"""MAGVIT-v2-style convolutional image tokenizer with lookup-free quantization (docs/DESIGN.md §8).
 
 Layout follows Show-o's MAGVIT-v2 (a taming-transformers style VQGAN encoder/decoder), so its
 PyTorch weights map onto these parameters by name and layout alone:
