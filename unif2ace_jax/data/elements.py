@@ -77,7 +77,7 @@ def mixture_probabilities(mixture: Mapping[str, float]) -> tuple[float, float, f
 
 
 def element_spec(data: Any) -> ElementSpec:
-    """ElementSpec from a config's `data` section (a ConfigDict or anything with attributes)."""
+    """ElementSpec from a config's whole `data` section (`pipeline.full_config`)."""
     image_field = str(data.image_field)
     if image_field not in IMAGE_FIELDS:
         raise UserError(f"data.image_field must be one of {IMAGE_FIELDS}, got {image_field!r}")
@@ -90,26 +90,26 @@ def element_spec(data: Any) -> ElementSpec:
         max_answer_len=int(data.max_answer_len),
         image_size=int(data.image_size),
         image_field=image_field,
-        extra_fields=tuple(data.get("extra_fields", ()) or ()),
+        extra_fields=tuple(data.extra_fields or ()),
         mixture=mixture_probabilities(mixture),
         seed=int(data.seed),
-        lm_caption_prob=float(data.get("lm_caption_prob", 0.5)),
-        mmu_caption_prob=_probability(data, "mmu_caption_prob", 0.0),
-        caption_prompt=str(data.get("caption_prompt", "describe the face.")),
-        mmu_questions_per_row=_positive(data, "mmu_questions_per_row", 1),
-        t2i_short_caption_prob=_probability(data, "t2i_short_caption_prob", 0.0),
+        lm_caption_prob=float(data.lm_caption_prob),
+        mmu_caption_prob=_probability(data, "mmu_caption_prob"),
+        caption_prompt=str(data.caption_prompt),
+        mmu_questions_per_row=_positive(data, "mmu_questions_per_row"),
+        t2i_short_caption_prob=_probability(data, "t2i_short_caption_prob"),
     )
 
 
-def _positive(data: Any, name: str, default: int) -> int:
-    value = int(data.get(name, default))
+def _positive(data: Any, name: str) -> int:
+    value = int(data[name])
     if value < 1:
         raise UserError(f"data.{name} must be >= 1, got {value}")
     return value
 
 
-def _probability(data: Any, name: str, default: float) -> float:
-    value = float(data.get(name, default))
+def _probability(data: Any, name: str) -> float:
+    value = float(data[name])
     if not 0.0 <= value <= 1.0:
         raise UserError(f"data.{name} must be in [0, 1], got {value}")
     return value

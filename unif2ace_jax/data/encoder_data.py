@@ -10,6 +10,9 @@ SynthFace rendered on the fly (``"synthface"``: ``synthface_seed``). ``labels`` 
 `unif2ace_jax.data.images.attribute_names()` (-1 = unknown); ``text`` is the caption's ids,
 right-padded with 0 and truncated to ``data.max_text_len`` (S = ``data.image_size``).
 
+Every field of ``config.data`` is in `default_config` (the trainer reads the splits,
+``eval_examples`` and ``tokenizer`` there too); `load_split` reads `full_config` of what it is given.
+
 `batches(arrays, batch_size, seed=...)` is a checkpointable grain iterator over them (host
 shard ``[process_index::process_count]``, reshuffled every epoch, repeated, fixed batches).
 """
@@ -21,18 +24,38 @@ from typing import Any, Sequence
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 
 from unif2ace_jax.data import images as images_lib
 from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.defaults import with_defaults
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of the expert encoders' ``config.data``, with its default.
+
+    ``num_examples`` / ``eval_examples`` 0 = the whole split; ``config`` "" = the dataset's
+    default builder config; ``tokenizer``: the caption tokenizer (`data.text_tokenizer`).
+    """
+    return ml_collections.ConfigDict(dict(
+        source="tfds", data_dir="", name="synthface", config="", num_examples=0,
+        image_size=64, synthface_seed=0, train_split="train", eval_split="test",
+        eval_examples=0, max_text_len=128,
+        tokenizer=dict(name="sentencepiece", model_path="")))
+
+
+def full_config(data_config: Any) -> ml_collections.ConfigDict:
+    """`default_config` updated with `data_config` (unknown fields refused)."""
+    return with_defaults(default_config(), data_config, "data")
 
 
 def _tfds_rows(data_config: Any, split: str, limit: int) -> tuple[list, Any]:
-    if not data_config.get("data_dir", None):
+    if not data_config.data_dir:
         raise UserError("data.data_dir must be set for the tfds source")
     builder = records.load_builder(data_config.data_dir, data_config.name,
-                                   data_config.get("config", None) or None)
+                                   data_config.config or None)
     if split not in builder.info.splits:
         raise UserError(f"dataset {builder.info.full_name} has no split {split!r}; "
                         f"known: {sorted(builder.info.splits)}")
@@ -56,8 +79,9 @@ def load_split(data_config: Any, split: str, *, tokenizer: Any = None,
                num_examples: int | None = None, num_threads: int = 2) -> dict[str, np.ndarray]:
     """The arrays of `split` (module docstring); `num_examples` (default ``data.num_examples``,
     0 = all) limits the records read."""
+    data_config = full_config(data_config)
     size = int(data_config.image_size)
-    limit = int(data_config.get("num_examples", 0) if num_examples is None else num_examples)
+    limit = int(data_config.num_examples if num_examples is None else num_examples)
     source = str(data_config.source)
     if source == "tfds":
         rows, where = _tfds_rows(data_config, split, limit)
@@ -73,7 +97,7 @@ def load_split(data_config: Any, split: str, *, tokenizer: Any = None,
     elif source == "synthface":
         if limit <= 0:
             raise UserError("data.num_examples must be positive for the synthface source")
-        seed = int(data_config.get("synthface_seed", 0))
+        seed = int(data_config.synthface_seed)
 
         def render(i):
             ex = images_lib.synthface_example(seed, split, i, size)

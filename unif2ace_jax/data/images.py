@@ -10,12 +10,14 @@ where `labels[:, a]` is the index of the face's value of attribute `attribute_na
 
 * ``synthface``: rendered on the fly; example i of a split depends only on
   (`data_config.synthface_seed`, split, i). Fields: `num_examples`, `image_size`,
-  `synthface_seed`, optional `cache` (render the host's shard into memory once), optional
-  `heldout_mix` / `heldout_seed` (see `synthface_source`).
+  `synthface_seed`, `heldout_mix` / `heldout_seed` (see `synthface_source`).
 * ``tfds``: a prepared TFDS dataset read through `as_data_source` (no TensorFlow needed, no
   builder class needed). Fields: `data_dir`, `name` (e.g. "synthface" or "synthface/small_64"),
-  optional `config` and `version`, optional `image_size` (resize when records differ),
-  optional `num_examples` (use only the first n records).
+  `config` and `version`, `image_size` (resize when records differ), `num_examples` (use only
+  the first n records; 0 = all).
+
+Both: `cache` (read the host's shard into memory once). Every field, with its default, is in
+`default_config`; `image_dataset` reads `full_config` of what it is given.
 
 The pipeline is: source -> host shard `[process_index::process_count]` -> seeded shuffle
 (reshuffled every epoch) -> repeat -> batch, all as a `grain.MapDataset`, so the iterator
@@ -29,15 +31,34 @@ from typing import Any, Callable, Mapping
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from PIL import Image
 
 from unif2ace_jax.data.records import as_str, decode_image
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
+from unif2ace_jax.utils.defaults import with_defaults
 
 ImageSource = Callable[[Any, str], grain.MapDataset]
 IMAGE_SOURCES: Registry[ImageSource] = Registry("image source")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of an image model's ``config.data`` (judge, image tokenizer), with its default.
+
+    ``heldout_seed`` -1 = ``synthface_seed + 1_000_003``; ``config`` / ``version`` "" = the
+    dataset's defaults; ``num_threads``: grain threads of the trainers' batches.
+    """
+    return ml_collections.ConfigDict(dict(
+        source="synthface", num_examples=0, image_size=64, synthface_seed=0, cache=False,
+        heldout_mix=0.0, heldout_seed=-1, name="synthface", config="", version="",
+        data_dir="", num_threads=2))
+
+
+def full_config(data_config: Any) -> ml_collections.ConfigDict:
+    """`default_config` updated with `data_config` (unknown fields refused)."""
+    return with_defaults(default_config(), data_config, "data")
 
 
 def _attributes_table() -> dict[str, tuple[str, ...]]:
@@ -118,13 +139,14 @@ def synthface_source(data_config: Any, split: str) -> grain.MapDataset:
     num = int(data_config.num_examples)
     if num <= 0:
         raise UserError(f"data.num_examples must be positive, got {num}")
-    seed = int(data_config.get("synthface_seed", 0))
-    size = int(data_config.get("image_size", 64))
-    mix = float(data_config.get("heldout_mix", 0.0) or 0.0) if split == "train" else 0.0
+    seed = int(data_config.synthface_seed)
+    size = int(data_config.image_size)
+    mix = float(data_config.heldout_mix or 0.0) if split == "train" else 0.0
     if not 0.0 <= mix < 1.0:
         raise UserError(f"data.heldout_mix must be in [0, 1), got {mix}")
     num_plain = num - int(round(mix * num))
-    heldout_seed = int(data_config.get("heldout_seed", seed + 1_000_003))
+    heldout_seed = int(data_config.heldout_seed)
+    heldout_seed = seed + 1_000_003 if heldout_seed == -1 else heldout_seed
     if mix and heldout_seed == seed:
         raise UserError("data.heldout_seed must differ from data.synthface_seed")
 
@@ -178,25 +200,25 @@ def tfds_source(data_config: Any, split: str) -> grain.MapDataset:
     """A prepared TFDS dataset (array_record, records of `data/records.py`) read without TF."""
     from unif2ace_jax.data import records
 
-    name = str(data_config.get("name", "") or "")
+    name = str(data_config.name or "")
     if not name:
         raise UserError("data.name must name the TFDS dataset (e.g. 'synthface')")
-    data_dir = data_config.get("data_dir", None)
+    data_dir = data_config.data_dir
     if not data_dir:
         raise UserError("data.data_dir must be set for the tfds image source")
-    config = data_config.get("config", None)
+    config = data_config.config
     if "/" in name and not config:
         name, config = name.split("/", 1)
     builder = records.load_builder(data_dir, name, config or None,
-                                   data_config.get("version", None) or None)
+                                   data_config.version or None)
     if split not in builder.info.splits:
         raise UserError(f"dataset {builder.info.full_name} has no split {split!r}; "
                         f"known: {sorted(builder.info.splits)}")
     ds = grain.MapDataset.source(builder.as_data_source(split=split))
-    limit = int(data_config.get("num_examples", 0) or 0)
+    limit = int(data_config.num_examples or 0)
     if 0 < limit < len(ds):
         ds = ds[:limit]
-    size = data_config.get("image_size", None)
+    size = data_config.image_size
 
     def make(record: Mapping[str, Any]) -> dict:
         image = _decode_image(record["image"])
@@ -225,6 +247,7 @@ def materialize(ds: grain.MapDataset) -> grain.MapDataset:
 def image_dataset(data_config: Any, split: str, *, process_index: int | None = None,
                   process_count: int | None = None) -> grain.MapDataset:
     """This host's shard of the examples of `split`, unbatched and unshuffled."""
+    data_config = full_config(data_config)
     source = IMAGE_SOURCES.get(data_config.source)
     ds = source(data_config, split)
     process_index = jax.process_index() if process_index is None else process_index
@@ -233,7 +256,7 @@ def image_dataset(data_config: Any, split: str, *, process_index: int | None = N
         raise UserError(f"process_index {process_index} out of range for {process_count} processes")
     if process_count > 1:
         ds = ds[process_index::process_count]
-    if data_config.get("cache", False):
+    if data_config.cache:
         ds = materialize(ds)
     return ds
 

@@ -45,6 +45,9 @@ forever, batched with drop_remainder. The iterator is a grain `DatasetIterator`;
 Decoding and tokenising run in `data.num_threads` grain threads (0: in the calling thread)
 and, with `data.num_workers > 0`, in that many worker processes (for hosts with many cores;
 see bench/input_pipeline.py for figures on this 2-core machine).
+
+Every field of ``config.data`` is in `default_config` (configs/data_synthface.py describes
+them); the builders here read `full_config` of what they are given.
 """
 
 from __future__ import annotations
@@ -55,6 +58,7 @@ from typing import Any
 
 import grain
 import jax
+import ml_collections
 import numpy as np
 from absl import flags
 
@@ -63,6 +67,37 @@ from unif2ace_jax.data.elements import TASKS, ElementBuilder, element_spec
 from unif2ace_jax.data.ordering import shuffled_forever
 from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.defaults import with_defaults
+
+
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.data`` with its default (meanings: configs/data_synthface.py).
+
+    ``config_name`` "" = the dataset's default builder config; ``eval_batch_size`` 0 = take
+    ``batch_size``; ``tokenizer.vocab_size`` 0 = take the tokenizer model's. ``mixture`` is
+    replaced whole by a config's (a task it leaves out gets weight 0).
+    """
+    return ml_collections.ConfigDict(dict(
+        dataset="synthface", config_name="", data_dir="runs/data",
+        train_split="train", eval_split="test", image_size=64,
+        max_text_len=128, max_answer_len=8,
+        mixture={"t2i": 1.0, "mmu": 1.0, "lm": 0.25},
+        lm_caption_prob=0.5, mmu_caption_prob=0.0, caption_prompt="describe the face.",
+        mmu_questions_per_row=1, t2i_short_caption_prob=0.0,
+        image_field="image", extra_fields=(),
+        batch_size=64, eval_batch_size=0, seed=0,
+        num_threads=2, prefetch=4, num_workers=0,
+        tokenizer=dict(name="sentencepiece", model_path="", vocab_size=0)))
+
+
+def full_config(data: Any) -> ml_collections.ConfigDict:
+    """``config.data``: `default_config` updated with `data` (unknown fields refused)."""
+    return with_defaults(default_config(), data, "data", whole=("mixture",))
+
+
+def _data_section(config: Any) -> ml_collections.ConfigDict:
+    """`full_config` of the experiment config's `data` section, or of `config` itself."""
+    return full_config(config.data if hasattr(config, "data") else config)
 
 
 def _stack(elements: list[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -75,8 +110,9 @@ def open_split(data: Any, split: str, data_dir: str | None = None):
     Images are left PNG-encoded (decoded by the pipeline, with a clear error if corrupt).
     Returns (source, name) where name is "dataset/config:split" for messages.
     """
+    data = full_config(data)
     data_dir = data_dir or data.data_dir
-    config_name = data.get("config_name") or None
+    config_name = data.config_name or None
     builder = records.load_builder(data_dir, data.dataset, config_name)
     splits = list(builder.info.splits.keys())
     if split not in splits:
@@ -88,9 +124,9 @@ def open_split(data: Any, split: str, data_dir: str | None = None):
 
 def load_tokenizer(data: Any):
     """The text tokenizer named in `data.tokenizer`; checks `vocab_size` when it is set (> 0)."""
-    tok_cfg = data.tokenizer
+    tok_cfg = full_config(data).tokenizer
     tok = make_text_tokenizer(tok_cfg.name, tok_cfg.model_path)
-    expected = int(tok_cfg.get("vocab_size", 0) or 0)
+    expected = int(tok_cfg.vocab_size or 0)
     if expected and tok.vocab_size != expected:
         raise UserError(
             f"text tokenizer {tok_cfg.model_path} has {tok.vocab_size} ids but "
@@ -127,12 +163,12 @@ def make_train_dataset(
     data_dir: str | None = None,
 ):
     """The training `grain.MapDataset` of raw batches (infinite) for this host."""
-    data = config.data if hasattr(config, "data") else config
+    data = _data_section(config)
     process_index, process_count = _process_index_count(process_index, process_count)
     spec = element_spec(data)
     batch = per_host_batch_size(int(data.batch_size), process_count)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data)
-    source, name = open_split(data, split or data.get("train_split", "train"), data_dir)
+    source, name = open_split(data, split or data.train_split, data_dir)
     if len(source) < process_count:
         raise UserError(f"{name} has {len(source)} records, fewer than {process_count} processes")
     ds = grain.MapDataset.source(source).map_with_index(_with_index)
@@ -170,14 +206,14 @@ def make_train_iterator(
     Returns:
       a `grain.DatasetIterator` yielding dicts of numpy arrays; `get_state()/set_state()`.
     """
-    data = config.data if hasattr(config, "data") else config
+    data = _data_section(config)
     ds = make_train_dataset(
         config, tokenizer=tokenizer, process_index=process_index, process_count=process_count,
         split=split, data_dir=data_dir,
     )
-    threads = int(num_threads if num_threads is not None else data.get("num_threads", 2))
-    depth = int(prefetch if prefetch is not None else data.get("prefetch", 4))
-    workers = int(num_workers if num_workers is not None else data.get("num_workers", 0))
+    threads = int(num_threads if num_threads is not None else data.num_threads)
+    depth = int(prefetch if prefetch is not None else data.prefetch)
+    workers = int(num_workers if num_workers is not None else data.num_workers)
     if threads <= 0:
         options = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
     else:
@@ -214,12 +250,12 @@ def make_eval_iterator(
     QA pair of every record (in record, then QA order). Elements are dealt to hosts
     round-robin; the last batches are padded with rows whose `valid` is False.
     """
-    data = config.data if hasattr(config, "data") else config
+    data = _data_section(config)
     if task not in ("t2i", "mmu"):
         raise UserError(f"eval task must be 't2i' or 'mmu', got {task!r}")
     process_index, process_count = _process_index_count(process_index, process_count)
     spec = dataclasses.replace(element_spec(data), t2i_short_caption_prob=0.0)  # whole captions
-    global_batch = int(batch_size or data.get("eval_batch_size", data.batch_size))
+    global_batch = int(batch_size or data.eval_batch_size or data.batch_size)
     batch = per_host_batch_size(global_batch, process_count)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(data)
     source, name = open_split(data, split, data_dir)
@@ -248,7 +284,7 @@ def make_eval_iterator(
         return builder.build(r, source[r], task_id, builder.rng(r), j)
 
     ds = grain.MapDataset.source(mine).map(make).batch(batch, drop_remainder=True, batch_fn=_stack)
-    threads = int(data.get("num_threads", 2))
+    threads = int(data.num_threads)
     options = grain.ReadOptions(num_threads=threads, prefetch_buffer_size=2 * max(threads, 1))
     return iter(ds.to_iter_dataset(options))
 
