@@ -28,11 +28,15 @@ Fields of `data` (all used by `unif2ace_jax.data.pipeline`):
   num_threads, prefetch  grain read threads and prefetch depth (batches)
   num_workers            grain worker processes (0 = none)
   tokenizer              {name, model_path, vocab_size (0 = take the model's)}
+
+Defaults: `unif2ace_jax.data.pipeline.default_config`; this file states what differs.
 """
 
 from __future__ import annotations
 
 import ml_collections
+
+from unif2ace_jax.data import pipeline
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
@@ -40,31 +44,11 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     if arg not in (None, "", "tiny"):
         raise ValueError(f"unknown variant {arg!r} for data_synthface; use '' or 'tiny'")
     config = ml_collections.ConfigDict()
-    data = config.data = ml_collections.ConfigDict()
-    data.dataset = "synthface"
-    data.config_name = "tiny_64" if tiny else "small_64"
-    data.data_dir = "runs/data"
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.image_size = 64
-    data.max_text_len = 64 if tiny else 128
-    data.max_answer_len = 8
-    data.mixture = ml_collections.ConfigDict({"t2i": 1.0, "mmu": 1.0, "lm": 0.25})
-    data.lm_caption_prob = 0.5
-    data.mmu_caption_prob = 0.0
-    data.caption_prompt = "describe the face."
-    data.mmu_questions_per_row = 1
-    data.t2i_short_caption_prob = 0.0
-    data.image_field = "image"
-    data.extra_fields = ()
-    data.batch_size = 8 if tiny else 64
-    data.eval_batch_size = 8 if tiny else 64
-    data.seed = 0
-    data.num_threads = 2  # 2 threads beat 0 or 4 on this 2-core machine (bench/input_pipeline.py)
-    data.prefetch = 4
-    data.num_workers = 0  # grain worker processes; worth it on many-core hosts only
-    data.tokenizer = ml_collections.ConfigDict()
-    data.tokenizer.name = "sentencepiece"
-    data.tokenizer.model_path = "runs/data/synthface_text.model"
-    data.tokenizer.vocab_size = 0
+    # num_threads 2 (the default) beats 0 or 4 on this 2-core machine (bench/input_pipeline.py).
+    config.data = pipeline.full_config(dict(
+        config_name="tiny_64" if tiny else "small_64",
+        max_text_len=64 if tiny else 128,
+        batch_size=8 if tiny else 64,
+        eval_batch_size=8 if tiny else 64,
+        tokenizer=dict(model_path="runs/data/synthface_text.model")))
     return config

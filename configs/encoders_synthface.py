@@ -19,6 +19,9 @@ times suggest about 1 and 2.5 minutes; not measured there.
 
 import ml_collections
 
+from unif2ace_jax.data import encoder_data
+from unif2ace_jax.models.encoders import synthface_clip, synthface_face
+
 
 def _optim(lr: float, warmup: int) -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict(dict(lr=lr, warmup_steps=warmup, end_lr_factor=0.05,
@@ -29,25 +32,17 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    data = config.data = ml_collections.ConfigDict()
-    data.source = "tfds"  # "tfds" (a prepared dataset) or "synthface" (rendered on the fly)
-    data.data_dir = "runs/default/data"  # tfds: where `python -m unif2ace_jax.data build` wrote it
-    data.name = "synthface"
-    data.config = "small_64"
-    data.num_examples = 0  # training records to use (0 = the whole split)
-    data.image_size = 64
-    data.synthface_seed = 0  # synthface source only
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.eval_examples = 1000  # test records scored at the end (0 = the whole split)
-    data.max_text_len = 128  # caption ids (SynthFace captions: median 96, max ~130 ids)
-    data.tokenizer = ml_collections.ConfigDict(dict(
-        name="sentencepiece", model_path="runs/default/data/synthface_text.model"))
+    # Source "tfds" (the default; a prepared dataset, all its training records) or "synthface"
+    # (rendered on the fly). Caption ids: max_text_len 128 (SynthFace captions: median 96,
+    # max ~130 ids).
+    data = config.data = encoder_data.full_config(dict(
+        data_dir="runs/default/data",  # where `python -m unif2ace_jax.data build` wrote it
+        config="small_64",
+        eval_examples=1000,  # test records scored at the end (0 = the whole split)
+        tokenizer=dict(model_path="runs/default/data/synthface_text.model")))
 
     face = config.face = ml_collections.ConfigDict()
-    face.model = ml_collections.ConfigDict(dict(
-        embed_dim=128, widths=(32, 64, 96), blocks=(1, 1, 1), resolution=64,
-        dtype="float32", param_dtype="float32"))
+    face.model = synthface_face.full_config(dict(blocks=(1, 1, 1)))
     face.loss = ml_collections.ConfigDict(dict(
         scale=16.0,  # s of the additive-margin softmax
         margin=0.2,  # m
@@ -59,11 +54,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         steps=350, batch_size=64, log_every=50, checkpoint_every=100))
 
     clip = config.clip = ml_collections.ConfigDict()
-    clip.model = ml_collections.ConfigDict(dict(
-        embed_dim=128,
-        image=dict(widths=(32, 64, 96), blocks=(1, 1, 1), resolution=64),
-        text=dict(max_len=128, width=64, num_layers=2, num_heads=4),
-        init_temperature=0.07, dtype="float32", param_dtype="float32"))
+    clip.model = synthface_clip.full_config(dict(image=dict(blocks=(1, 1, 1))))
     clip.optim = _optim(2e-3, 30)
     clip.train = ml_collections.ConfigDict(dict(
         steps=250, batch_size=128, log_every=50, checkpoint_every=100))
@@ -82,8 +73,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         face.train.update(steps=6, batch_size=8, log_every=2, checkpoint_every=3)
         face.optim.warmup_steps = 2
         clip.model.embed_dim = 16
-        clip.model.image = dict(widths=(8, 16), blocks=(1, 1), resolution=64)
-        clip.model.text = dict(max_len=48, width=16, num_layers=1, num_heads=2)
+        clip.model.image.update(widths=(8, 16), blocks=(1, 1))
+        clip.model.text.update(max_len=48, width=16, num_layers=1, num_heads=2)
         clip.train.update(steps=6, batch_size=8, log_every=2, checkpoint_every=3)
         clip.optim.warmup_steps = 2
     elif arg:

@@ -4,38 +4,32 @@
     python -m unif2ace_jax.train.judge --config=configs/judge_synthface.py:tiny --workdir=DIR
 
 `tiny` is for tests: a few steps of a very small model on a few dozen faces.
+
+The model is `unif2ace_jax.models.judge.default_config()`; the `data` section states what differs
+from `unif2ace_jax.data.images.default_config()`.
 """
 
 import ml_collections
+
+from unif2ace_jax.data import images
+from unif2ace_jax.models import judge
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "synthface"  # "synthface" (rendered on the fly) or "tfds"
-    config.data.num_examples = 24_000  # training faces (the test splits are separate)
-    config.data.image_size = 64
-    config.data.synthface_seed = 0
-    config.data.cache = True  # render the training faces once, keep them in memory
-    # The judge measures faces of every split, so it also learns the attribute combinations
-    # held out of `train`: this share of its faces comes from `test_heldout_combos` drawn with
-    # another seed (never the evaluation faces). Their natural share is about 7.8%.
-    config.data.heldout_mix = 0.08
-    config.data.heldout_seed = 1_000_003
-    config.data.name = "synthface"  # tfds source only
-    config.data.data_dir = ""  # tfds source only
-    config.data.num_threads = 2
+    # SynthFace rendered on the fly (source "synthface"); "tfds" reads a prepared dataset.
+    config.data = images.full_config(dict(
+        num_examples=24_000,  # training faces (the test splits are separate)
+        cache=True,  # render the training faces once, keep them in memory
+        # The judge measures faces of every split, so it also learns the attribute
+        # combinations held out of `train`: this share of its faces comes from
+        # `test_heldout_combos` drawn with another seed (never the evaluation faces). Their
+        # natural share is about 7.8%.
+        heldout_mix=0.08, heldout_seed=1_000_003))
 
-    config.model = ml_collections.ConfigDict()
-    config.model.resolution = 64
-    config.model.stem_width = 0  # > 0: a full-resolution conv first (slower)
-    config.model.widths = (32, 64, 128)  # one stride-2 stage each: 64 -> 8 px
-    config.model.blocks_per_stage = (1, 1, 1)  # convs per stage (> 1: residual 3x3 convs)
-    config.model.hidden = 256
-    config.model.dtype = "float32"
-    config.model.param_dtype = "float32"
+    config.model = judge.default_config()
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 2e-3

@@ -8,6 +8,9 @@ Its parameter names and shapes map one-to-one onto Show-o's released weights (se
     python -m unif2ace_jax.train.tokenizer --config=configs/tokenizer_magvit2_256.py --workdir=DIR
 
 `tiny` keeps the 5-level layout with very small widths (tests).
+
+That geometry and the discriminator are the `default_config()` of `unif2ace_jax.models.tokenizer`
+and `...tokenizer.discriminator`.
 """
 
 import os
@@ -15,6 +18,8 @@ import os
 import ml_collections
 
 from unif2ace_jax.cli import load_config
+from unif2ace_jax.models import tokenizer
+from unif2ace_jax.models.tokenizer import discriminator
 
 
 def _base_config() -> ml_collections.ConfigDict:
@@ -28,28 +33,14 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.data.image_size = 256
     config.data.num_threads = 8
 
-    config.model.bits = 13  # 8192 codes
-    config.model.patch_size = 1
-    config.model.ch = 128
-    config.model.ch_mult = (1, 2, 2, 4, 4)
-    config.model.num_res_blocks = (4, 3, 4, 3, 4)
-    config.model.decoder_ch_mult = (1, 1, 2, 2, 4)
-    config.model.decoder_num_res_blocks = (4, 4, 3, 4, 3)
-    config.model.num_groups = 32
-    config.model.mid_attention = True
-    config.model.downsample = "conv"
-    config.model.quant_conv = True
-    config.model.pos_embed = False
-    config.model.remat = True
-    config.model.dtype = "bfloat16"  # accelerators; params stay float32
+    config.model = tokenizer.full_config(dict(
+        remat=True, dtype="bfloat16"))  # accelerators; params stay float32
 
     config.loss.entropy_mode = "bits"  # Show-o's per-bit factorisation; cheap at 8192 codes
     config.loss.gan = 0.1
     config.loss.gan_start_step = 20_000
 
-    config.discriminator.ch = 64
-    config.discriminator.num_layers = 3
-    config.discriminator.num_groups = 32
+    config.discriminator = discriminator.default_config()
 
     config.optim.lr = 1e-4
     config.optim.warmup_steps = 2000

@@ -6,42 +6,33 @@
 Sized for a 2-core CPU (about 10 minutes of training when the machine is not shared): a
 space-to-depth stem (patch_size 2, so no conv runs at 64×64), then 32 -> 16 -> 8 with ResNet
 blocks, GroupNorm + swish, mid attention, and a mirrored decoder. `tiny` is for tests.
+
+Defaults of the `data`, `model` and `discriminator` sections: `unif2ace_jax.data.images`,
+`unif2ace_jax.models.tokenizer` and `...tokenizer.discriminator` ``default_config()``.
 """
 
 import ml_collections
+
+from unif2ace_jax.data import images
+from unif2ace_jax.models import tokenizer
+from unif2ace_jax.models.tokenizer import discriminator
 
 
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config = ml_collections.ConfigDict()
     config.seed = 0
 
-    config.data = ml_collections.ConfigDict()
-    config.data.source = "synthface"  # "synthface" (rendered on the fly) or "tfds"
-    config.data.num_examples = 1_000_000  # training faces to draw from (rendered when read)
-    config.data.image_size = 64
-    config.data.synthface_seed = 0
-    config.data.cache = False
-    config.data.name = "synthface"  # tfds source only
-    config.data.data_dir = ""  # tfds source only
-    config.data.num_threads = 2
+    # SynthFace rendered on the fly (source "synthface"); "tfds" reads a prepared dataset.
+    config.data = images.full_config(dict(
+        num_examples=1_000_000))  # training faces to draw from (rendered when read)
 
-    config.model = ml_collections.ConfigDict()
-    config.model.name = "magvit2"
-    config.model.bits = 10  # codebook 2^10 = 1024
-    config.model.patch_size = 4  # 4x4 pixels -> channels first: convs run at 16x16 and 8x8
-    config.model.ch = 64
-    config.model.ch_mult = (1, 2)
-    config.model.num_res_blocks = (1, 1)
-    config.model.decoder_ch_mult = (1, 2)
-    config.model.decoder_num_res_blocks = (2, 2)
-    config.model.num_groups = 0  # no GroupNorm: learns much faster here (see docstring)
-    config.model.mid_attention = True
-    config.model.downsample = "conv"
-    config.model.quant_conv = True
-    config.model.pos_embed = False  # [ours] learned position embedding at the 8x8 level
-    config.model.remat = False
-    config.model.dtype = "float32"  # bf16 is slower than f32 on this CPU
-    config.model.param_dtype = "float32"
+    # float32 compute (the default): bf16 is slower than f32 on this CPU.
+    config.model = tokenizer.full_config(dict(
+        bits=10,  # codebook 2^10 = 1024
+        patch_size=4,  # 4x4 pixels -> channels first: convs run at 16x16 and 8x8
+        ch=64, ch_mult=(1, 2), num_res_blocks=(1, 1),
+        decoder_ch_mult=(1, 2), decoder_num_res_blocks=(2, 2),
+        num_groups=0))  # no GroupNorm: learns much faster here (see docstring)
 
     config.loss = ml_collections.ConfigDict()
     config.loss.l1 = 1.0
@@ -53,10 +44,7 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     config.loss.gan = 0.0  # > 0 turns on the PatchGAN hinge loss
     config.loss.gan_start_step = 0  # generator/discriminator GAN updates from this step on
 
-    config.discriminator = ml_collections.ConfigDict()
-    config.discriminator.ch = 32
-    config.discriminator.num_layers = 2
-    config.discriminator.num_groups = 8
+    config.discriminator = discriminator.full_config(dict(ch=32, num_layers=2, num_groups=8))
 
     config.optim = ml_collections.ConfigDict()
     config.optim.lr = 1e-3

@@ -39,6 +39,7 @@ dataset like every training run).
 import ml_collections
 
 from unif2ace_jax import optim
+from unif2ace_jax.data import pipeline
 from unif2ace_jax.losses import unified as unified_loss
 from unif2ace_jax.models import backbone
 from unif2ace_jax.models import experts as experts_lib
@@ -68,28 +69,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
     # tokenizer. The trained model always takes the real size from its tokenizer.
     config.assumed_text_vocab_size = 50_295
 
-    config.data = ml_collections.ConfigDict()
-    data = config.data
-    data.dataset = "unif2ace_130k_codes"  # pre-tokenised copy of unif2ace_130k
-    data.config_name = ""
-    data.data_dir = "runs/data"
-    data.train_split = "train"
-    data.eval_split = "test"
-    data.image_size = 256
-    data.image_field = "image_codes"
-    data.extra_fields = ("clip", "face")  # precomputed seq-MoE features in the records
-    data.max_text_len = 256  # dense captions
-    data.max_answer_len = 128  # conversation / description answers
-    data.mixture = ml_collections.ConfigDict({"t2i": 1.0, "mmu": 1.0, "lm": 0.1})
-    data.lm_caption_prob = 0.5
-    data.batch_size = 256  # global
-    data.eval_batch_size = 256
-    data.seed = 0
-    data.num_threads = 16
-    data.prefetch = 8
-    data.num_workers = 8
-    data.tokenizer = ml_collections.ConfigDict(dict(
-        name="sentencepiece", model_path="runs/data/unif2ace_text.model", vocab_size=0))
+    data = config.data = pipeline.full_config(dict(
+        dataset="unif2ace_130k_codes",  # pre-tokenised copy of unif2ace_130k
+        image_size=256,
+        image_field="image_codes",
+        extra_fields=("clip", "face"),  # precomputed seq-MoE features in the records
+        max_text_len=256,  # dense captions
+        max_answer_len=128,  # conversation / description answers
+        mixture={"t2i": 1.0, "mmu": 1.0, "lm": 0.1},
+        batch_size=256,  # global
+        eval_batch_size=256,
+        num_threads=16, prefetch=8, num_workers=8,
+        tokenizer=dict(model_path="runs/data/unif2ace_text.model")))
 
     config.model = backbone.full_model_config(dict(
         num_image_codes=8192, image_grid=16,

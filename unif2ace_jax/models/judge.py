@@ -18,6 +18,8 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from unif2ace_jax.utils.defaults import with_defaults
+
 NEG_INF = -1e9
 
 
@@ -121,18 +123,35 @@ class AttributeJudge(nn.Module):
         return jnp.where(jnp.asarray(value_mask(self.num_values)), logits, NEG_INF)
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of the judge's ``config.model``, with its default (the 64 px SynthFace judge).
+
+    ``stem_width`` > 0: a full-resolution conv first (slower); ``widths``: one stride-2 stage
+    each (64 -> 8 px); ``blocks_per_stage``: convs per stage (> 1: residual 3x3 convs).
+    """
+    return ml_collections.ConfigDict(dict(
+        resolution=64, stem_width=0, widths=(32, 64, 128), blocks_per_stage=(1, 1, 1),
+        hidden=256, dtype="float32", param_dtype="float32"))
+
+
+def full_config(model_config) -> ml_collections.ConfigDict:
+    """``config.model``: `default_config` updated with `model_config` (unknown fields refused)."""
+    return with_defaults(default_config(), model_config, "model")
+
+
 def make_judge(model_config: ml_collections.ConfigDict,
                num_values: Sequence[int]) -> AttributeJudge:
-    """The judge described by `config.model` (fields as in configs/judge_synthface.py)."""
+    """The judge described by `config.model` (fields: `default_config`)."""
+    model_config = full_config(model_config)
     return AttributeJudge(
         num_values=tuple(int(n) for n in num_values),
         resolution=int(model_config.resolution),
-        stem_width=int(model_config.get("stem_width", 0)),
+        stem_width=int(model_config.stem_width),
         widths=tuple(int(w) for w in model_config.widths),
         blocks_per_stage=_int_or_tuple(model_config.blocks_per_stage),
         hidden=int(model_config.hidden),
-        dtype=jnp.dtype(model_config.get("dtype", "float32")),
-        param_dtype=jnp.dtype(model_config.get("param_dtype", "float32")),
+        dtype=jnp.dtype(model_config.dtype),
+        param_dtype=jnp.dtype(model_config.param_dtype),
     )
 
 

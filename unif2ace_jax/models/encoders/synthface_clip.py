@@ -25,6 +25,7 @@ import ml_collections
 
 from unif2ace_jax.models.encoders.contrastive import l2_normalize
 from unif2ace_jax.models.encoders.synthface_face import ConvImageEncoder, make_image_encoder
+from unif2ace_jax.utils.defaults import with_defaults
 
 MAX_LOG_SCALE = math.log(100.0)
 
@@ -145,18 +146,37 @@ class SynthFaceCLIP(nn.Module):
         return self.image(images)["pooled"], self.text(ids, lengths)["pooled"], log_scale
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.clip.model``, with its default: the image tower's fields but
+    ``embed_dim`` / dtypes (`synthface_face.default_config`; those are the model's), the text
+    tower's, the shared ``embed_dim`` and the initial InfoNCE temperature."""
+    return ml_collections.ConfigDict(dict(
+        embed_dim=128,
+        image=dict(widths=(32, 64, 96), blocks=1, resolution=64, normalize=True),
+        text=dict(max_len=128, width=64, num_layers=2, num_heads=4),
+        init_temperature=0.07, dtype="float32", param_dtype="float32"))
+
+
+def full_config(cfg) -> ml_collections.ConfigDict:
+    """``config.clip.model``: `default_config` updated with `cfg` (unknown fields refused)."""
+    return with_defaults(default_config(), cfg, "clip.model")
+
+
+def image_tower_config(cfg) -> dict:
+    """The `synthface_face.make_image_encoder` config of the clip model's image tower."""
+    cfg = full_config(cfg)
+    return dict(cfg.image.to_dict(), embed_dim=int(cfg.embed_dim), dtype=cfg.dtype,
+                param_dtype=cfg.param_dtype)
+
+
 def make_clip_model(cfg: ml_collections.ConfigDict | dict, vocab_size: int) -> SynthFaceCLIP:
-    """The model of ``config.clip.model`` (fields: image {embed_dim, widths, blocks,
-    resolution}, text {max_len, width, num_layers, num_heads}, embed_dim, init_temperature)."""
-    image_cfg = dict(cfg["image"])
-    image_cfg["embed_dim"] = int(cfg["embed_dim"])
-    image_cfg.setdefault("dtype", cfg.get("dtype", "float32"))
-    image_cfg.setdefault("param_dtype", cfg.get("param_dtype", "float32"))
+    """The model of ``config.clip.model`` (fields: `default_config`)."""
+    image_cfg = image_tower_config(cfg)
+    cfg = full_config(cfg)
     t = cfg["text"]
-    kw = dict(dtype=jnp.dtype(cfg.get("dtype", "float32")),
-              param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+    kw = dict(dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.dtype(cfg.param_dtype))
     text = TextTower(vocab_size=int(vocab_size), max_len=int(t["max_len"]), width=int(t["width"]),
                      num_layers=int(t["num_layers"]), num_heads=int(t["num_heads"]),
                      embed_dim=int(cfg["embed_dim"]), **kw)
     return SynthFaceCLIP(image=make_image_encoder(image_cfg), text=text,
-                         init_temperature=float(cfg.get("init_temperature", 0.07)))
+                         init_temperature=float(cfg.init_temperature))

@@ -32,6 +32,7 @@ import ml_collections
 
 from unif2ace_jax.models.encoders.contrastive import l2_normalize
 from unif2ace_jax.models.judge import ConvBlock, preprocess, value_mask
+from unif2ace_jax.utils.defaults import with_defaults
 
 
 def _dense(n: int, names: tuple, name: str, dtype, param_dtype) -> nn.Dense:
@@ -98,11 +99,24 @@ class FaceEncoderWithHeads(nn.Module):
         return pooled, cos
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of the face encoder's ``config.face.model`` (also the clip image tower's),
+    with its default. ``blocks``: convs per stage, one int for every stage or one per width."""
+    return ml_collections.ConfigDict(dict(
+        embed_dim=128, widths=(32, 64, 96), blocks=1, resolution=64, normalize=True,
+        dtype="float32", param_dtype="float32"))
+
+
+def full_config(cfg, where: str = "face.model") -> ml_collections.ConfigDict:
+    """`default_config` updated with `cfg` (unknown fields refused)."""
+    return with_defaults(default_config(), cfg, where)
+
+
 def make_image_encoder(cfg: ml_collections.ConfigDict | dict) -> ConvImageEncoder:
-    """A `ConvImageEncoder` from a model config (fields: embed_dim, widths, blocks, resolution,
-    optional normalize, dtype, param_dtype)."""
+    """A `ConvImageEncoder` from a model config (fields: `default_config`)."""
+    cfg = full_config(cfg)
     widths = tuple(int(w) for w in cfg["widths"])
-    blocks = cfg.get("blocks", 1)
+    blocks = cfg["blocks"]
     blocks = (int(blocks),) * len(widths) if isinstance(blocks, int) else tuple(
         int(b) for b in blocks)
     if len(blocks) != len(widths):
@@ -111,9 +125,8 @@ def make_image_encoder(cfg: ml_collections.ConfigDict | dict) -> ConvImageEncode
         raise UserError(f"encoder blocks {blocks} do not match widths {widths}")
     return ConvImageEncoder(
         embed_dim=int(cfg["embed_dim"]), widths=widths, blocks=blocks,
-        resolution=int(cfg["resolution"]), normalize=bool(cfg.get("normalize", True)),
-        dtype=jnp.dtype(cfg.get("dtype", "float32")),
-        param_dtype=jnp.dtype(cfg.get("param_dtype", "float32")))
+        resolution=int(cfg["resolution"]), normalize=bool(cfg["normalize"]),
+        dtype=jnp.dtype(cfg["dtype"]), param_dtype=jnp.dtype(cfg["param_dtype"]))
 
 
 def make_face_model(cfg: ml_collections.ConfigDict | dict,

@@ -23,7 +23,7 @@ import numpy as np
 from flax import serialization
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.encoders.synthface_clip import make_clip_model
+from unif2ace_jax.models.encoders.synthface_clip import image_tower_config, make_clip_model
 from unif2ace_jax.models.encoders.synthface_face import make_face_model, make_image_encoder
 
 PARAMS_FILE = "encoder_params.msgpack"
@@ -113,8 +113,7 @@ def load_image_encoder(workdir: str, kind: str) -> tuple[nn.Module, Any]:
     model, params, meta = load_trained(workdir, kind)
     cfg = _tuples(meta["model"])
     if kind == "clip":
-        cfg = dict(cfg["image"], embed_dim=cfg["embed_dim"],
-                   dtype=cfg.get("dtype", "float32"), param_dtype=cfg.get("param_dtype", "float32"))
+        cfg = image_tower_config(cfg)
     del model
     return make_image_encoder(cfg), params[IMAGE_PARAMS[kind]]
 

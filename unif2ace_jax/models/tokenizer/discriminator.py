@@ -15,6 +15,7 @@ import jax.numpy as jnp
 import ml_collections
 
 from unif2ace_jax.models.tokenizer.magvit2 import conv, group_norm
+from unif2ace_jax.utils.defaults import with_defaults
 
 
 class PatchDiscriminator(nn.Module):
@@ -42,9 +43,20 @@ class PatchDiscriminator(nn.Module):
         return h[..., 0].astype(jnp.float32)
 
 
+def default_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.discriminator``, with its default (Show-o-sized)."""
+    return ml_collections.ConfigDict(dict(ch=64, num_layers=3, num_groups=32))
+
+
+def full_config(cfg) -> ml_collections.ConfigDict:
+    """``config.discriminator``: `default_config` updated with `cfg` (unknown fields refused)."""
+    return with_defaults(default_config(), cfg, "discriminator")
+
+
 def make_discriminator(cfg: ml_collections.ConfigDict, dtype="float32",
                        param_dtype="float32") -> PatchDiscriminator:
-    """From ``config.discriminator`` (ch, num_layers, num_groups)."""
-    return PatchDiscriminator(ch=int(cfg.get("ch", 64)), num_layers=int(cfg.get("num_layers", 3)),
-                              num_groups=int(cfg.get("num_groups", 32)), dtype=jnp.dtype(dtype),
+    """From ``config.discriminator`` (fields: `default_config`)."""
+    cfg = full_config(cfg)
+    return PatchDiscriminator(ch=int(cfg.ch), num_layers=int(cfg.num_layers),
+                              num_groups=int(cfg.num_groups), dtype=jnp.dtype(dtype),
                               param_dtype=jnp.dtype(param_dtype))
