@@ -52,7 +52,9 @@ import numpy as np  # noqa: E402
 from absl import flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from unif2ace_jax.data import pipeline  # noqa: E402
 from unif2ace_jax.errors import UserError, config_value, run_cli  # noqa: E402
+from unif2ace_jax.models.backbone import full_model_config  # noqa: E402
 from unif2ace_jax.parallel import presets as presets_lib  # noqa: E402
 from unif2ace_jax.parallel import topology as topology_lib  # noqa: E402
 
@@ -127,10 +129,10 @@ def fit_check(config, topo: topology_lib.Topology, *, preset: str | None = None,
         "device_kind": step["device_kind"],
         "num_devices": num_devices,
         "mesh": step["mesh"],
-        "preset": config.get("sharding", {}).get("preset", "") or None,
-        "remat_policy": config.model.get("remat_policy", "none"),
-        "scan_layers": bool(config.model.get("scan_layers", False)),
-        "dtype": config.model.get("dtype", "float32"),
+        "preset": presets_lib.sharding_config(config).preset or None,
+        "remat_policy": full_model_config(config.model).remat_policy,
+        "scan_layers": bool(full_model_config(config.model).scan_layers),
+        "dtype": full_model_config(config.model).dtype,
         "global_batch": step["global_batch"],
         "sequence_length": step["sequence_length"],
         "tokens_per_step": step["tokens"],
@@ -170,9 +172,10 @@ def _xla_flops(config, topo: topology_lib.Topology, step: dict, text_vocab_size:
     """XLA's FLOPs per device of the step, and how they were counted."""
     xla_flops, flops_method = step["flops"], "compiled step"
     num_layers = int(config.model.num_layers)
-    if not unrolled_flops and config.model.get("scan_layers", False):
+    scan_layers = bool(full_model_config(config.model).scan_layers)
+    if not unrolled_flops and scan_layers:
         flops_method = "scanned step (the layer loop body counted once: an undercount)"
-    elif config.model.get("scan_layers", False) and num_layers > 2:
+    elif scan_layers and num_layers > 2:
         # XLA's cost analysis counts the body of the layer loop once, whatever the trip count:
         # count unrolled 1- and 2-layer steps and extrapolate (the layers are identical).
         per = []
@@ -212,13 +215,15 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
         raise UserError(f"libtpu cannot describe topology {topo.name}: "
                         f"{' '.join(str(e).split())[:300]}") from None
     devices = list(desc.devices)
-    dcn = config.get("dcn_mesh", None)
+    dcn = config.get("dcn_mesh", None)  # a top-level field only multi-slice configs have
     if dcn and any(int(v) != 1 for v in dict(dcn).values()):
         raise UserError("the AOT check compiles one slice; leave config.dcn_mesh empty")
     mesh = mesh_lib.make_mesh(config.mesh, devices=devices)
-    rules = rules_lib.get_rules(tuple(config.get("sharding", {}).get("rules", ()) or ()))
+    rules = rules_lib.get_rules(tuple(presets_lib.sharding_config(config).rules or ()))
 
-    vocab = (text_vocab_size or int(config.data.tokenizer.get("vocab_size", 0) or 0)
+    data = pipeline.full_config(config.data)
+    # assumed_text_vocab_size: a top-level field only configs without a tokenizer at hand have.
+    vocab = (text_vocab_size or int(data.tokenizer.vocab_size or 0)
              or int(config.get("assumed_text_vocab_size", 0) or 0) or PHI_TEXT_VOCAB)
     k, grid = image_code_geometry(config)
     model = build_model(config.model, text_vocab_size=vocab, num_image_codes=k, image_grid=grid)
@@ -228,7 +233,7 @@ def compile_step(config, topo: topology_lib.Topology, *, text_vocab_size: int = 
         raise UserError(f"data.batch_size {global_batch} is not divisible by the {shards} batch "
                         f"shards of mesh {dict(mesh.shape)}")
     lt, la = int(config.data.max_text_len), int(config.data.max_answer_len)
-    extra_fields = tuple(config.data.get("extra_fields", ()) or ())
+    extra_fields = tuple(data.extra_fields or ())
     batch_shapes = _batch_shapes(model, config, global_batch, lt, la, extra_fields)
     batch = {name: jax.ShapeDtypeStruct(shape, dtype,
                                         sharding=rules_lib.batch_sharding(mesh, rules, len(shape)))

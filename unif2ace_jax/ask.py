@@ -19,6 +19,7 @@ from absl import flags
 
 from unif2ace_jax.checkpoint.trained import load_trained
 from unif2ace_jax.cli import begin
+from unif2ace_jax.data import pipeline
 from unif2ace_jax.data.records import decode_image
 from unif2ace_jax.errors import UserError, run_cli
 from unif2ace_jax.sampling.vqa import answer_questions
@@ -74,7 +75,7 @@ def image_inputs(trained, path: str) -> tuple:
     codes = np.asarray(image_tokenizer.encode(image[None])).reshape(1, -1)
     features = {}
     if trained.feature_encoders:
-        size = int(trained.config.data.get("image_size", 0) or 0) or None
+        size = int(pipeline.full_config(trained.config.data).image_size or 0) or None
         features = dict(trained.image_features(read_image(path, size)[None]))
         features.update({f"{k}_present": np.ones((1,), bool) for k in list(features)})
     return codes, features

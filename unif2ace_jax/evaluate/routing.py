@@ -23,8 +23,12 @@ import jax
 import ml_collections
 import numpy as np
 
+from unif2ace_jax.data import pipeline
 from unif2ace_jax.evaluate.batches import eval_batches
+from unif2ace_jax.models.moe import seq_moe as seq_moe_lib
+from unif2ace_jax.models.moe import token_moe
 from unif2ace_jax.models.unified import UnifiedModel
+from unif2ace_jax.utils.defaults import with_defaults
 
 GROUPS = ("und", "gen")
 
@@ -32,7 +36,7 @@ GROUPS = ("und", "gen")
 def has_moe(model: UnifiedModel) -> bool:
     """True when the model has a token-level or a sequence-level MoE."""
     bb = model.backbone
-    return bb.ffn.get("name", "dense") == "token_moe" or bb.seq_moe.get("name", "none") != "none"
+    return bb.ffn.name == "token_moe" or bb.seq_moe.name != "none"
 
 
 def _per_layer(tree: Mapping[str, Any], leaf_name: str) -> np.ndarray | None:
@@ -61,7 +65,7 @@ def routing_intermediates(model: UnifiedModel, params: Any, seqs: Mapping[str, j
     from unif2ace_jax.models.masks import omni_attention_mask
     from unif2ace_jax.models.moe.seq_routing import prompt_pool_mask
 
-    if model.backbone.seq_moe.get("name", "none") != "none" and not (
+    if model.backbone.seq_moe.name != "none" and not (
             features and "pool_mask" in features):
         features = dict(features or {}, pool_mask=prompt_pool_mask(
             seqs["valid"], seqs.get("target_weights")))
@@ -102,7 +106,8 @@ class RoutingCounter:
         bb = self.model.backbone
         if self.token_counts is not None:
             e = self.token_counts.shape[1] // 2
-            token = {"experts_per_group": e, "top_k": int(bb.ffn.get("top_k", 0) or 0)}
+            ffn = with_defaults(token_moe.default_config(), bb.ffn, "model.ffn")
+            token = {"experts_per_group": e, "top_k": int(ffn.top_k)}
             for g, name in enumerate(GROUPS):
                 part = self.token_counts[:, g * e:(g + 1) * e].astype(np.float64)
                 total = part.sum(axis=1, keepdims=True)
@@ -111,7 +116,7 @@ class RoutingCounter:
             out["token_moe"] = token
         if self.seq_usage is not None:
             und, gen = tuple(bb.seq_moe.groups.und), tuple(bb.seq_moe.groups.gen)
-            seq: dict[str, Any] = {"top_k": int(bb.seq_moe.get("top_k", 2))}
+            seq: dict[str, Any] = {"top_k": int(seq_moe_lib.full_config(bb.seq_moe).top_k)}
             for name, cols, lo in (("und", und, 0), ("gen", gen, len(und))):
                 n = max(self.num_sequences[name], 1)
                 seq[name] = {"experts": list(cols),
@@ -212,7 +217,7 @@ def routing_diagnostics(trained, split: str, *, max_sequences: int = 64, batch_s
     of each), with the figure written to `figure_path` (default
     ``<workdir>/routing_<split>_step<step>.png``). Returns the JSON-ready dict (with
     ``"figure"``: the PNG's path)."""
-    extra_fields = tuple(trained.config.data.get("extra_fields", ()) or ())
+    extra_fields = tuple(pipeline.full_config(trained.config.data).extra_fields)
     loss_cfg = ml_collections.ConfigDict(trained.config.loss.to_dict())
 
     def take(task: str):

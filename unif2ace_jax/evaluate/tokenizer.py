@@ -91,13 +91,13 @@ def evaluate_params(model: ImageTokenizer, params: Any, data_config: ml_collecti
 
 def _data_config(config: ml_collections.ConfigDict, num: int, data_dir: str | None,
                  dataset: str | None) -> ml_collections.ConfigDict:
-    data = ml_collections.ConfigDict(config.data.to_dict())
+    data = images_lib.full_config(config.data)
     data.num_examples = int(num)
     data.cache = False
     if data_dir:
         data.source = "tfds"
         data.data_dir = data_dir
-        data.name = dataset or data.get("name", "synthface")
+        data.name = dataset or data.name
     return data
 
 

@@ -38,7 +38,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from unif2ace_jax.data import records
+from unif2ace_jax.data import pipeline, records
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.evaluate.batches import eval_batches
 from unif2ace_jax.evaluate.routing import has_moe, routing_diagnostics
@@ -50,7 +50,7 @@ def _normalise(text: str) -> str:
 
 def _extra_fields(trained) -> tuple[str, ...]:
     """The record fields the run's seq-MoE reads (``config.data.extra_fields``)."""
-    return tuple(trained.config.data.get("extra_fields", ()) or ())
+    return tuple(pipeline.full_config(trained.config.data).extra_fields)
 
 
 def _feature_columns(batch, keep: np.ndarray, fields: tuple[str, ...]) -> dict[str, np.ndarray]:
@@ -225,6 +225,7 @@ def evaluate(workdir: str, split: str = "test", *, judge_workdir: str | None = N
     from unif2ace_jax.checkpoint.trained import load_trained
 
     trained = load_trained(workdir)
+    # A run's config (run.json) need not name a judge: its trainer has no such field.
     judge_workdir = judge_workdir or trained.config.get("judge_workdir", "") or ""
     if num_generate > 0 and not judge_workdir:
         raise UserError("gen_attribute_accuracy needs the attribute judge: pass "

@@ -26,6 +26,7 @@ import ml_collections
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.parallel.rules import Rules
+from unif2ace_jax.utils.defaults import with_defaults
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,13 +83,25 @@ def merged_rules(preset: Preset, overrides: Rules = ()) -> tuple[tuple[str, Any]
     return tuple(table.items())
 
 
+def default_sharding_config() -> ml_collections.ConfigDict:
+    """Every field of ``config.sharding``: ``preset`` (a preset spec, "" = none) and ``rules``
+    (logical-axis rules over the preset's, or over the defaults)."""
+    return ml_collections.ConfigDict(dict(preset="", rules=()))
+
+
+def sharding_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config.sharding`` (absent or None: none given) updated onto `default_sharding_config`."""
+    given = config.sharding if "sharding" in config else None
+    return with_defaults(default_sharding_config(), given or {}, "sharding")
+
+
 def apply_preset(config: ml_collections.ConfigDict,
                  spec: str | None = None) -> ml_collections.ConfigDict:
     """A copy of `config` with the preset's mesh and rules written into ``mesh`` and
     ``sharding.rules``; `spec` defaults to ``config.sharding.preset``. Without a preset the
     config comes back unchanged (the same object)."""
-    sharding = config.get("sharding", None) or {}
-    spec = spec if spec is not None else sharding.get("preset", "")
+    sharding = sharding_config(config)
+    spec = spec if spec is not None else sharding.preset
     if not spec:
         return config
     preset = get_preset(spec)
@@ -97,6 +110,6 @@ def apply_preset(config: ml_collections.ConfigDict,
         out.mesh = ml_collections.ConfigDict(dict(preset.mesh))
         if "sharding" not in out or out.sharding is None:
             out.sharding = ml_collections.ConfigDict()
-        out.sharding.rules = merged_rules(preset, tuple(sharding.get("rules", ()) or ()))
+        out.sharding.rules = merged_rules(preset, tuple(sharding.rules or ()))
         out.sharding.preset = spec
     return out
