@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
+from unif2ace_jax import cli
 from unif2ace_jax.data import elements, pipeline, records
 from unif2ace_jax.data.ordering import CounterRng, EpochShuffle
 from unif2ace_jax.data.build import build_dataset, read_texts
@@ -22,12 +22,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = 24
 
 
-def _config_module():
-    path = os.path.join(ROOT, "configs", "data_synthface.py")
-    spec = importlib.util.spec_from_file_location("data_synthface", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+def _config(arg):
+    return cli.load_config(os.path.join(ROOT, "configs", "data_synthface.py"), arg)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +46,7 @@ def env(tmp_path_factory):
 
 def _config(env, **overrides):
     d, model, _ = env
-    config = _config_module().get_config("tiny")
+    config = _config("tiny")
     data = config.data
     data.data_dir = d
     data.config_name = ""

@@ -1,6 +1,5 @@
 """Pre-tokenisation: a new TFDS dataset = original records + the tokenizer's image codes."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -11,6 +10,7 @@ import jax
 import numpy as np
 import pytest
 
+from unif2ace_jax import cli
 from unif2ace_jax.data import records
 from unif2ace_jax.data.build import build_dataset
 from unif2ace_jax.data.pretokenize import CODES_FIELD, pretokenize
@@ -24,11 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _export_tokenizer(workdir, seed):
     """An untrained (randomly initialised) 64 px tokenizer, exported like the trainer does."""
-    path = os.path.join(ROOT, "configs", "tokenizer_synthface_64.py")
-    spec = importlib.util.spec_from_file_location("tokenizer_synthface_64", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = cli.load_config(os.path.join(ROOT, "configs", "tokenizer_synthface_64.py"), "tiny")
     config.data.image_size = 64
     model = make_tokenizer(config.model)
     x = np.zeros((1, 64, 64, 3), np.float32)

@@ -1,7 +1,6 @@
 """Tokenizer modules: shapes for both configs, Show-o name/layout mapping, logical axes, and
 the pieces (space-to-depth, Show-o downsampling, encode/decode consistency) against references."""
 
-import importlib.util
 import os
 
 import flax.linen as nn
@@ -10,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unif2ace_jax import cli
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer import lfq, make_tokenizer
 from unif2ace_jax.models.tokenizer import magvit2
@@ -20,11 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def load_config(name, arg=None):
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(arg)
+    return cli.load_config(os.path.join(ROOT, "configs", f"{name}.py"), arg)
 
 
 def _abstract_shapes(model, size):

@@ -1,7 +1,6 @@
 """Tokenizer trainer: a few steps lower the loss, the GAN step, exact resume, the exported
 tokenizer and the evaluation command."""
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -12,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from unif2ace_jax import cli
 from unif2ace_jax.data import synthface
 from unif2ace_jax.evaluate.tokenizer import evaluate_params
 from unif2ace_jax.losses import tokenizer as tok_losses
@@ -24,11 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def tiny_config(**loss):
-    path = os.path.join(ROOT, "configs", "tokenizer_synthface_64.py")
-    spec = importlib.util.spec_from_file_location("tokenizer_synthface_64", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    config = module.get_config("tiny")
+    config = cli.load_config(os.path.join(ROOT, "configs", "tokenizer_synthface_64.py"), "tiny")
     config.loss.update(loss)
     return config
 
@@ -184,15 +180,14 @@ def test_cli_errors_are_one_line(module, args, message):
 
 
 SHARDED_CODE = """
-import importlib.util, json
+import json
 import jax, numpy as np
+from unif2ace_jax.cli import load_config
 from unif2ace_jax.data import synthface
 from unif2ace_jax.parallel import mesh as mesh_lib, rules as rules_lib
 from unif2ace_jax.train import tokenizer as trainer
 
-spec = importlib.util.spec_from_file_location("c", CONFIG_PATH)
-module = importlib.util.module_from_spec(spec); spec.loader.exec_module(module)
-config = module.get_config("tiny")
+config = load_config(CONFIG_PATH, "tiny")
 config.loss.gan = 0.1
 images = np.stack([ex["image"] for ex in synthface.generate(0, 8, 32, "train")])
 

@@ -10,24 +10,28 @@ from __future__ import annotations
 
 import atexit
 import functools
-import importlib.util
 import os
 import shutil
 import tempfile
+import types
 
 import jax
 import ml_collections
 import numpy as np
 
+from unif2ace_jax import cli
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def load_config(name: str, arg: str | None = None):
+    """``get_config(arg)`` of ``configs/<name>.py`` (`cli.load_config`)."""
+    return cli.load_config(os.path.join(ROOT, "configs", f"{name}.py"), arg)
+
+
 def load_config_module(name: str):
-    path = os.path.join(ROOT, "configs", f"{name}.py")
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """An object whose ``get_config(arg)`` is `load_config` of ``configs/<name>.py``."""
+    return types.SimpleNamespace(get_config=functools.partial(load_config, name))
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,7 +57,7 @@ def build_env() -> dict:
     text_model = train_sentencepiece(read_texts(data_dir, "synthface"), 150,
                                      os.path.join(data_dir, "text.model"), model_type="bpe")
 
-    tok_config = load_config_module("tokenizer_synthface_64").get_config("tiny")
+    tok_config = load_config("tokenizer_synthface_64", "tiny")
     tok_config.data.image_size = 16
     tok_model = make_tokenizer(tok_config.model)
     params = nn.unbox(tok_model.init(jax.random.key(0), np.zeros((1, 16, 16, 3), np.float32)))
@@ -88,7 +92,7 @@ def build_env() -> dict:
 def tiny_config(**overrides) -> ml_collections.ConfigDict:
     """configs/synthface_tiny.py:tiny pointed at the environment."""
     env = build_env()
-    config = load_config_module("synthface_tiny").get_config("tiny")
+    config = load_config("synthface_tiny", "tiny")
     config.data.data_dir = env["data_dir"]
     config.data.dataset = "synthface_codes"
     config.data.tokenizer.model_path = env["text_model"]
