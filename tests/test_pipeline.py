@@ -22,7 +22,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM_TRAIN = 24
 
 
-def _config(arg):
+def _data_synthface(arg):
     return cli.load_config(os.path.join(ROOT, "configs", "data_synthface.py"), arg)
 
 
@@ -46,7 +46,7 @@ def env(tmp_path_factory):
 
 def _config(env, **overrides):
     d, model, _ = env
-    config = _config("tiny")
+    config = _data_synthface("tiny")
     data = config.data
     data.data_dir = d
     data.config_name = ""
