@@ -369,14 +369,23 @@ def _numpy_saved_in_place() -> Iterator[None]:
     """Orbax deep-copies numpy arrays before writing them; the converter's arrays never change
     while it saves, so skip that second copy of the model (restored afterwards)."""
     import orbax.checkpoint as ocp
+    from absl import logging
 
     handlers = ocp.type_handlers
-    handlers.register_type_handler(
-        np.ndarray, handlers.NumpyHandler(deepcopy_host_arrays=False), override=True)
+
+    def register(handler) -> None:  # without orbax's "overriding np.ndarray" warning
+        verbosity = logging.get_verbosity()
+        logging.set_verbosity(logging.ERROR)
+        try:
+            handlers.register_type_handler(np.ndarray, handler, override=True)
+        finally:
+            logging.set_verbosity(verbosity)
+
+    register(handlers.NumpyHandler(deepcopy_host_arrays=False))
     try:
         yield
     finally:
-        handlers.register_type_handler(np.ndarray, handlers.NumpyHandler(), override=True)
+        register(handlers.NumpyHandler())
 
 
 def write_workdir(out_dir: str, source: Source, params: dict, text_tokenizer: str) -> None:
