@@ -48,16 +48,16 @@ model in memory), and saved as step 0 of an Orbax checkpoint in the trainer's la
 `checkpoint.trained.load_trained` (and `load_showo` here) read it. OUT is written under a
 temporary name and renamed when complete.
 
-`load_showo` is the parity API: logits for explicit ids and a boolean attention matrix with
-positions ``0 … L-1`` (Show-o's calling convention), and greedy text continuation with a KV
-cache (Show-o's ``mmu_generate`` with ``top_k=1``).
+`load_showo` (from `convert.showo_parity`, re-exported here) is the parity API: logits for
+explicit ids and a boolean attention matrix with positions ``0 … L-1`` (Show-o's calling
+convention), and greedy text continuation with a KV cache (Show-o's ``mmu_generate``,
+``top_k=1``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import math
 import os
@@ -66,16 +66,27 @@ import shutil
 import tempfile
 from typing import Any, Iterator
 
+import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import orbax.checkpoint as ocp
+from absl import flags, logging
+from flax import traverse_util
+from safetensors import SafetensorError, safe_open
 
 from unif2ace_jax import optim
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.checkpoint.manager import Checkpointer
+from unif2ace_jax.checkpoint.trained import CHECKPOINT_DIR, save_run_info
+from unif2ace_jax.cli import no_positional, quiet_logs, require
+from unif2ace_jax.convert.showo_parity import ShowoModel, load_showo
+from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
+from unif2ace_jax.errors import UserError, run_cli
 from unif2ace_jax.models import backbone as backbone_lib
-from unif2ace_jax.models.backbone import Backbone
+from unif2ace_jax.models.unified import build_model
 from unif2ace_jax.models.vocab import PHI_ENDOFTEXT_ID, SHOWO_ADDED
+
+__all__ = ["Source", "convert_directory", "read_source", "ShowoModel", "load_showo"]
 
 SHOWO_WEIGHTS = "pytorch_model.safetensors"
 PHI_WEIGHTS = "model.safetensors"
@@ -137,6 +148,13 @@ def _rope_field(phi: dict, key: str, default: float) -> float:
 
 def _phi_geometry(phi: dict, where: str) -> dict:
     """Backbone fields from a transformers ``PhiConfig`` dict; UserError for what we lack."""
+    try:
+        return _phi_fields(phi, where)
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{where}: bad or missing field {e}") from None
+
+
+def _phi_fields(phi: dict, where: str) -> dict:
     if phi.get("model_type", "phi") != "phi":
         raise UserError(f"{where}: model_type {phi.get('model_type')!r} is not phi")
     if phi.get("hidden_act", "gelu_new") not in ("gelu_new", "gelu_pytorch_tanh", "gelu_fast"):
@@ -206,8 +224,6 @@ def read_source(checkpoint_dir: str, phi_config: str | None = None,
 
 @contextlib.contextmanager
 def _open_weights(path: str) -> Iterator[Any]:
-    from safetensors import SafetensorError, safe_open
-
     if not os.path.isfile(path):
         raise UserError(f"missing file {path}")
     try:
@@ -255,11 +271,6 @@ class Target:
 
 def expected_tensors(source: Source) -> dict[str, Target]:
     """``{tensor name: Target}`` of the converted model (from its abstract init)."""
-    import flax.linen as nn
-    from flax import traverse_util
-
-    from unif2ace_jax.models.unified import build_model
-
     model = build_model(model_config(source), text_vocab_size=source.text_size,
                         num_image_codes=source.num_image_codes, image_grid=source.image_grid)
     shapes = nn.meta.unbox(jax.eval_shape(lambda: model.init(jax.random.key(0))))["params"]
@@ -319,8 +330,6 @@ def stream_params(f: Any, source: Source, expected: dict[str, Target],
     """Reads the tensors one at a time into preallocated float32 arrays; nested params.
 
     Only one tensor is held besides the output (its transpose is a view written in place)."""
-    from flax import traverse_util
-
     flat: dict[tuple[str, ...], np.ndarray] = {}
     names = sorted(expected, key=_natural)
     for count, name in enumerate(names, 1):
@@ -368,9 +377,6 @@ def _zero_opt_state(config: ml_collections.ConfigDict, params: dict) -> Any:
 def _numpy_saved_in_place() -> Iterator[None]:
     """Orbax deep-copies numpy arrays before writing them; the converter's arrays never change
     while it saves, so skip that second copy of the model (restored afterwards)."""
-    import orbax.checkpoint as ocp
-    from absl import logging
-
     handlers = ocp.type_handlers
 
     def register(handler) -> None:  # without orbax's "overriding np.ndarray" warning
@@ -390,9 +396,6 @@ def _numpy_saved_in_place() -> Iterator[None]:
 
 def write_workdir(out_dir: str, source: Source, params: dict, text_tokenizer: str) -> None:
     """``out_dir/run.json`` + ``out_dir/checkpoints`` (step 0) for `params` (nested numpy)."""
-    from unif2ace_jax.checkpoint.manager import Checkpointer
-    from unif2ace_jax.checkpoint.trained import CHECKPOINT_DIR, save_run_info
-
     config = run_config(source, text_tokenizer)
     state = {"step": np.zeros((), np.int32), "params": params,
              "opt_state": _zero_opt_state(config, params)}
@@ -411,8 +414,6 @@ def write_workdir(out_dir: str, source: Source, params: dict, text_tokenizer: st
 def _text_size(text_tokenizer: str | None) -> int | None:
     if not text_tokenizer:
         return None
-    from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
-
     tok = make_text_tokenizer("gpt2_bpe", text_tokenizer)
     if tok.eos_id != PHI_ENDOFTEXT_ID:
         raise UserError(f"--text_tokenizer: <|endoftext|> has id {tok.eos_id}, not "
@@ -452,91 +453,7 @@ def convert_directory(checkpoint_dir: str, out_dir: str, *, phi_config: str | No
     return source
 
 
-# ---------------------------------------------------------------------------------------------
-# Parity API
-
-
-@functools.partial(jax.jit, static_argnames=("model",))
-def _logits(params, ids, attend, *, model: Backbone):
-    b, length = ids.shape
-    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
-    return model.apply({"params": params}, ids, mask=attend, positions=positions,
-                       group=jnp.zeros((b, length), jnp.int32), valid=jnp.ones((b, length), bool))
-
-
-@functools.partial(jax.jit, static_argnames=("model", "n", "eos_id", "pad_id"))
-def _greedy(params, ids, attend, *, model: Backbone, n: int, eos_id: int, pad_id: int):
-    b, p = ids.shape
-    s = p + n
-    variables = {"params": params}
-    ones, zeros = jnp.ones((b, 1), bool), jnp.zeros((b, 1), jnp.int32)
-    logits, cache = model.apply(
-        variables, ids, cache=model.init_cache(b, s), cache_index=0,
-        mask=jnp.concatenate([attend, jnp.zeros((b, p, n), bool)], axis=2),
-        positions=jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p)),
-        group=jnp.zeros((b, p), jnp.int32), valid=jnp.ones((b, p), bool),
-        method=Backbone.decode)
-    # A generated token sees what the last prompt token sees, and every generated token.
-    row = jnp.concatenate([attend[:, -1, :], jnp.zeros((b, n), bool)], axis=1)
-    out = jnp.zeros((b, n), jnp.int32)
-
-    def step(t, carry):
-        cache, row, out, token = carry
-        out = out.at[:, t].set(token)
-        row = row.at[:, p + t].set(True)
-        logits, cache = model.apply(
-            variables, token[:, None], cache=cache, cache_index=p + t, mask=row[:, None, :],
-            positions=jnp.full((b, 1), p + t, jnp.int32), group=zeros, valid=ones,
-            method=Backbone.decode)
-        return cache, row, out, jnp.argmax(logits[:, 0], axis=-1).astype(jnp.int32)
-
-    first = jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32)
-    _, _, out, _ = jax.lax.fori_loop(0, n, step, (cache, row, out, first))
-    after_eos = jnp.cumsum(out == eos_id, axis=1) - (out == eos_id) > 0
-    return jnp.where(after_eos, pad_id, out)
-
-
-@dataclasses.dataclass
-class ShowoModel:
-    """A converted workdir, called as Show-o is: ids in its vocabulary, positions ``0 … L-1``."""
-
-    trained: Any  # checkpoint.trained.Trained
-
-    @property
-    def vocab(self):
-        return self.trained.model.vocab
-
-    def logits(self, ids, attend) -> np.ndarray:
-        """``ids [B, L]`` int, ``attend [B, L, L]`` bool (True = row may attend column) ->
-        float32 logits ``[B, L, V]``. Every row should attend at least one key."""
-        return np.asarray(_logits(self.trained.params, jnp.asarray(ids, jnp.int32),
-                                  jnp.asarray(attend, bool), model=self.trained.model.backbone))
-
-    def greedy_text(self, ids, attend, n: int) -> np.ndarray:
-        """Greedy continuation (argmax over the whole vocabulary, KV cache): ``[B, n]`` int32.
-        Each new token attends to what the last prompt token attends to plus every generated
-        token (Show-o's ``mmu_generate``, ``top_k=1``); after ``<eos>`` (50256), which Show-o
-        stops at, the row holds ``[PAD]``."""
-        if n < 1:
-            raise UserError(f"n must be >= 1, got {n}")
-        vocab = self.vocab
-        return np.asarray(_greedy(self.trained.params, jnp.asarray(ids, jnp.int32),
-                                  jnp.asarray(attend, bool), model=self.trained.model.backbone,
-                                  n=int(n), eos_id=vocab.eos_id, pad_id=vocab.pad_id))
-
-
-def load_showo(workdir: str) -> ShowoModel:
-    """The converted workdir `workdir` (`convert_directory`'s output), for Show-o-style calls."""
-    from unif2ace_jax.checkpoint.trained import load_trained
-
-    return ShowoModel(load_trained(workdir))
-
-
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from unif2ace_jax.cli import no_positional, quiet_logs, require
-
     no_positional(argv)
     quiet_logs()
     f = flags.FLAGS
@@ -547,10 +464,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    from unif2ace_jax.errors import run_cli
-
     flags.DEFINE_string("checkpoint", None, "Show-o checkpoint directory (config.json + "
                         "pytorch_model.safetensors) or a Hugging Face Phi one (model.safetensors)")
     flags.DEFINE_string("phi_config", "", "the Phi config (directory or config.json); default: "
