@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from unif2ace_jax.models.attention import Attention, dot_product_attention
+from unif2ace_jax.models.rotary import apply_rotary
 
 
 def _numpy_attention(q, k, v, mask):
@@ -89,3 +90,34 @@ def test_bf16_compute_close_to_f32():
     bf16, _ = bf16_mod.apply(params, x, mask=mask, positions=pos)
     assert bf16.dtype == jnp.bfloat16
     np.testing.assert_allclose(np.asarray(bf16, np.float32), np.asarray(f32), atol=0.05)
+
+
+def test_qk_layernorm_normalises_each_head_before_rotary():
+    """Show-o's Phi: per-head LayerNorm of q and k ([Dh] params shared by heads), then rotary."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((1, 3, 16)), jnp.float32)
+    mask = jnp.tril(jnp.ones((1, 3, 3), bool))
+    pos = jnp.arange(3)[None]
+    mod = Attention(num_heads=2, head_dim=8, rotary_dim=4, init_std=0.3, qk_layernorm=True)
+    boxed = mod.init(jax.random.key(0), x, mask=mask, positions=pos)["params"]
+    for name in ("q_layernorm", "k_layernorm"):
+        assert boxed[name]["scale"].names == ("kv",) and boxed[name]["scale"].value.shape == (8,)
+        assert boxed[name]["bias"].names == ("kv",)
+    params = nn.unbox(boxed)
+    params["q_layernorm"]["scale"] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    params["k_layernorm"]["bias"] = jnp.asarray(rng.standard_normal(8), jnp.float32)
+    got, _ = mod.apply({"params": params}, x, mask=mask, positions=pos)
+
+    def proj(name):
+        p = params[name]
+        return np.einsum("btd,dhk->bthk", np.asarray(x), p["kernel"]) + np.asarray(p["bias"])
+
+    def norm(y, p):
+        mu, var = y.mean(-1, keepdims=True), y.var(-1, keepdims=True)
+        return (y - mu) / np.sqrt(var + 1e-5) * np.asarray(p["scale"]) + np.asarray(p["bias"])
+
+    q = apply_rotary(jnp.asarray(norm(proj("q_proj"), params["q_layernorm"])), pos, rotary_dim=4)
+    k = apply_rotary(jnp.asarray(norm(proj("k_proj"), params["k_layernorm"])), pos, rotary_dim=4)
+    ctx = _numpy_attention(np.asarray(q), np.asarray(k), proj("v_proj"), np.asarray(mask))
+    want = np.einsum("bthk,hkd->btd", ctx, params["dense"]["kernel"]) + params["dense"]["bias"]
+    np.testing.assert_allclose(np.asarray(got), want, atol=1e-5)

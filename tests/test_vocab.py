@@ -38,3 +38,20 @@ def test_hashable_and_bad_input():
         Vocab(10, 0)
     with pytest.raises(UserError, match="text_size"):
         Vocab(0, 4)
+
+
+def test_showo_layout():
+    """Show-o's ids: text, [PAD] + nine task/segment tokens, codes, [MASK]; bos = eos in text."""
+    v = Vocab(text_size=50295, num_image_codes=8192, layout="showo")
+    assert (v.pad_id, v.soi_id, v.eoi_id, v.t2i_id, v.mmu_id) == (50295, 50296, 50297, 50300,
+                                                                  50301)
+    assert (v.bos_id, v.eos_id) == (50256, 50256)
+    assert (v.image_offset, v.mask_id, v.size) == (50305, 58497, 58498)
+    assert v.special_ids()["pad"] == 50295 and v.special_ids()["eos"] == 50256
+    np.testing.assert_array_equal(np.asarray(v.codes_to_ids(np.array([0, 8192]))),
+                                  [50305, 58497])
+    assert Vocab(10, 4) == Vocab(10, 4, layout="unif2ace")
+    with pytest.raises(UserError, match="layout"):
+        Vocab(10, 4, layout="gpt")
+    with pytest.raises(UserError, match="text_eot_id"):
+        Vocab(10, 4, layout="showo")  # Phi's <|endoftext|> (50256) is not among 10 text ids

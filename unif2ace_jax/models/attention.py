@@ -3,6 +3,10 @@
 Parameter names follow HF Phi (``q_proj, k_proj, v_proj, dense``) so converted weights map 1:1
 (after reshaping ``[D, D]`` to ``[D, H, Dh]``). Softmax runs in float32.
 
+``qk_layernorm`` (Show-o's Phi): q and k each get a LayerNorm over ``head_dim`` after the head
+split and before rotary, one ``[Dh]`` scale/bias shared by all heads (``q_layernorm``,
+``k_layernorm``); v gets none.
+
 KV cache: explicit arrays ``{"k", "v"}: [B, S, H, Dh]`` passed in and returned (no mutable
 Flax collection), so decoding is a pure function under `jit` / `lax.while_loop`. With a cache,
 the T new keys/values are written at ``[cache_index, cache_index + T)`` and the queries attend
@@ -54,6 +58,8 @@ class Attention(nn.Module):
     rotary_dim: int
     rope_theta: float = 1e4
     init_std: float = 0.02
+    qk_layernorm: bool = False
+    layer_norm_eps: float = 1e-5
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -79,6 +85,8 @@ class Attention(nn.Module):
         q = checkpoint_name(proj("q_proj"), "query_proj")
         k = checkpoint_name(proj("k_proj"), "key_proj")
         v = checkpoint_name(proj("v_proj"), "value_proj")
+        if self.qk_layernorm:
+            q, k = self._head_norm("q_layernorm")(q), self._head_norm("k_layernorm")(k)
         q = apply_rotary(q, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
         k = apply_rotary(k, positions, rotary_dim=self.rotary_dim, theta=self.rope_theta)
 
@@ -96,3 +104,10 @@ class Attention(nn.Module):
             kernel_init=_init(("heads", "kv", "embed"), self.init_std),
             bias_init=_init(("embed",)), name="dense")(ctx)
         return checkpoint_name(out, "attn_out"), new_cache
+
+    def _head_norm(self, name: str) -> nn.LayerNorm:
+        """LayerNorm over the last axis (``head_dim``) of ``[B, T, H, Dh]``."""
+        return nn.LayerNorm(
+            epsilon=self.layer_norm_eps, dtype=self.dtype, param_dtype=self.param_dtype,
+            scale_init=nn.with_logical_partitioning(nn.initializers.ones, ("kv",)),
+            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, ("kv",)), name=name)

@@ -120,6 +120,7 @@ class Block(nn.Module):
     layer_norm_eps: float = 1e-5
     dropout_rate: float = 0.0
     init_std: float = 0.02
+    qk_layernorm: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
 
@@ -130,7 +131,8 @@ class Block(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         attn = Attention(num_heads=self.num_heads, head_dim=self.d_model // self.num_heads,
                          rotary_dim=self.rotary_dim, rope_theta=self.rope_theta,
-                         init_std=self.init_std, name="self_attn", **kw)
+                         init_std=self.init_std, qk_layernorm=self.qk_layernorm,
+                         layer_norm_eps=self.layer_norm_eps, name="self_attn", **kw)
         ffn = FFN_SLOTS.get(self.ffn.name)(self.ffn, d_model=self.d_model, name="mlp", **kw)
         drop = nn.Dropout(self.dropout_rate)
 
@@ -196,6 +198,7 @@ class Backbone(nn.Module):
     num_image_codes: int = 0  # K, a power of two (read with "table+bits")
     image_position_embedding: bool = False
     num_image_tokens: int = 0  # N (read with image_position_embedding)
+    qk_layernorm: bool = False  # per-head LayerNorm of q and k (Show-o's Phi)
 
     @property
     def head_dim(self) -> int:
@@ -230,7 +233,7 @@ class Backbone(nn.Module):
             rotary_dim=rotary_dim_for(self.head_dim, self.rotary_fraction), ffn=self.ffn,
             seq_moe=self.seq_moe, block_style=self.block_style, rope_theta=self.rope_theta,
             layer_norm_eps=self.layer_norm_eps, dropout_rate=self.dropout_rate,
-            init_std=self.init_std, **kw)
+            init_std=self.init_std, qk_layernorm=self.qk_layernorm, **kw)
         block_cls = Block
         policy = remat_policy(self.remat_policy)
         if policy is not None:
@@ -396,7 +399,9 @@ def default_config() -> ml_collections.ConfigDict:
     ``default_config`` (e.g. `moe.token_moe.default_config`), filled in by the factory.
     ``num_image_codes`` / ``image_grid`` (0 = take them from the image tokenizer),
     ``vocab_pad_to_multiple`` (embedding rows rounded up, e.g. 128 for TPU tensor sharding),
-    ``group_assignment`` and ``position_mode`` (sequence options) are read by the unified model.
+    ``group_assignment`` and ``position_mode`` (sequence options) and ``vocab_layout``
+    (`Vocab.layout`: "unif2ace" or "showo") are read by the unified model. ``qk_layernorm``:
+    Show-o's per-head LayerNorm of q and k (`attention.Attention`).
     """
     return ml_collections.ConfigDict(dict(
         num_image_codes=0, image_grid=0, vocab_pad_to_multiple=1,
@@ -406,7 +411,8 @@ def default_config() -> ml_collections.ConfigDict:
         dropout_rate=0.0, init_std=0.02, dtype="float32", param_dtype="float32",
         remat_policy="none", scan_layers=True, group_assignment="task",
         position_mode="valid", seq_moe=dict(name="none"), image_code_embedding="table",
-        image_code_logits="table", image_position_embedding=False))
+        image_code_logits="table", image_position_embedding=False, qk_layernorm=False,
+        vocab_layout="unif2ace"))
 
 
 SLOT_FIELDS = ("ffn", "seq_moe")  # replaced whole by a config (their factories fill them)
@@ -474,4 +480,4 @@ def build_backbone(model_config: ml_collections.ConfigDict, vocab: Vocab,
         image_code_embedding=code_embedding, image_code_logits=code_logits,
         image_offset=vocab.image_offset,
         num_image_codes=k, image_position_embedding=image_positions,
-        num_image_tokens=int(num_image_tokens))
+        num_image_tokens=int(num_image_tokens), qk_layernorm=bool(c.qk_layernorm))

@@ -239,7 +239,8 @@ def build_model(model_config: ml_collections.ConfigDict, *, text_vocab_size: int
         raise UserError(f"unknown model.position_mode {position_mode!r}; known: "
                         f"{', '.join(POSITION_MODES)}")
     vocab = Vocab(text_size=int(text_vocab_size), num_image_codes=int(num_image_codes),
-                  pad_to_multiple=int(model_config.vocab_pad_to_multiple))
+                  pad_to_multiple=int(model_config.vocab_pad_to_multiple),
+                  layout=model_config.vocab_layout)
     backbone = build_backbone(model_config, vocab, num_image_tokens=int(image_grid) ** 2)
     return UnifiedModel(backbone=backbone, vocab=vocab,
                         image_grid=int(image_grid), group_assignment=group_assignment,

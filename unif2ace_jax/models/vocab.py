@@ -1,6 +1,7 @@
 """The shared token vocabulary of the unified model (docs/DESIGN.md §2).
 
-Layout, in id order::
+Two layouts, chosen by ``layout`` (``config.model.vocab_layout``). ``"unif2ace"`` (default), in
+id order::
 
     [ text ids (text_size) | special ids (7) | image codes (num_image_codes) | [MASK] | padding ]
 
@@ -9,6 +10,16 @@ Special ids, in order: ``<t2i> <mmu> <soi> <eoi> <bos> <eos> <pad>``. Image code
 ``mask_id`` and a code array that already holds ``K`` at masked places maps to ids by one add.
 ``pad_to_multiple`` rounds ``size`` up (unused ids at the end) so the embedding and lm-head
 dims divide evenly over a tensor-parallel mesh axis.
+
+``"showo"`` (converted Show-o weights; Show-o's ``UniversalPrompting`` ids)::
+
+    [ text ids (text_size) | [PAD] <|soi|> <|eoi|> <|sov|> <|eov|> <|t2i|> <|mmu|> <|t2v|>
+      <|v2v|> <|lvg|> | image codes | [MASK] ]
+
+``<bos>`` = ``<eos>`` = the text tokenizer's ``<|endoftext|>`` (``text_eot_id``, 50256 for
+Phi-1.5's tokenizer), an id inside the text range. With Phi-1.5 (50295 text ids): ``[PAD]``
+50295, ``<|soi|>`` 50296, ``<|t2i|>`` 50300, ``<|mmu|>`` 50301, code c = 50305 + c, and with
+8192 codes ``[MASK]`` = 58497, the last id. The mask again directly follows the codes.
 """
 
 from __future__ import annotations
@@ -21,6 +32,11 @@ import jax.numpy as jnp
 from unif2ace_jax.errors import UserError
 
 SPECIAL_TOKENS: tuple[str, ...] = ("t2i", "mmu", "soi", "eoi", "bos", "eos", "pad")
+LAYOUTS = ("unif2ace", "showo")
+# Show-o's added tokens after the text vocabulary, in id order ("pad" is `[PAD]`).
+SHOWO_ADDED: tuple[str, ...] = ("pad", "soi", "eoi", "sov", "eov", "t2i", "mmu", "t2v", "v2v",
+                                "lvg")
+PHI_ENDOFTEXT_ID = 50256  # `<|endoftext|>` of Phi-1.5's (GPT-2) tokenizer: Show-o's bos and eos
 # In a raw batch's MMU `text`, this value stands for `<eos>` (the end of an answer inside a
 # row that packs several question-answer pairs); the sequence builder writes `eos_id` there.
 TEXT_EOS_MARKER = -1
@@ -33,8 +49,15 @@ class Vocab:
     text_size: int
     num_image_codes: int
     pad_to_multiple: int = 1
+    layout: str = "unif2ace"
+    text_eot_id: int = PHI_ENDOFTEXT_ID  # bos = eos in the "showo" layout (unused otherwise)
 
     def __post_init__(self):
+        if self.layout not in LAYOUTS:
+            raise UserError(f"unknown vocab layout {self.layout!r}; known: {', '.join(LAYOUTS)}")
+        if self.layout == "showo" and not 0 <= self.text_eot_id < self.text_size:
+            raise UserError(f"vocab text_eot_id {self.text_eot_id} is not a text id "
+                            f"(text_size {self.text_size})")
         if self.text_size < 1:
             raise UserError(f"vocab text_size must be >= 1, got {self.text_size}")
         if self.num_image_codes < 1:
@@ -43,38 +66,46 @@ class Vocab:
             raise UserError(f"vocab pad_to_multiple must be >= 1, got {self.pad_to_multiple}")
 
     # Special ids.
+    def _special(self, name: str) -> int:
+        if self.layout == "showo":
+            if name in ("bos", "eos"):
+                return self.text_eot_id
+            return self.text_size + SHOWO_ADDED.index(name)
+        return self.text_size + SPECIAL_TOKENS.index(name)
+
     @property
     def t2i_id(self) -> int:
-        return self.text_size + 0
+        return self._special("t2i")
 
     @property
     def mmu_id(self) -> int:
-        return self.text_size + 1
+        return self._special("mmu")
 
     @property
     def soi_id(self) -> int:
-        return self.text_size + 2
+        return self._special("soi")
 
     @property
     def eoi_id(self) -> int:
-        return self.text_size + 3
+        return self._special("eoi")
 
     @property
     def bos_id(self) -> int:
-        return self.text_size + 4
+        return self._special("bos")
 
     @property
     def eos_id(self) -> int:
-        return self.text_size + 5
+        return self._special("eos")
 
     @property
     def pad_id(self) -> int:
-        return self.text_size + 6
+        return self._special("pad")
 
     @property
     def image_offset(self) -> int:
         """Id of image code 0."""
-        return self.text_size + len(SPECIAL_TOKENS)
+        added = SHOWO_ADDED if self.layout == "showo" else SPECIAL_TOKENS
+        return self.text_size + len(added)
 
     @property
     def mask_id(self) -> int:
@@ -93,8 +124,8 @@ class Vocab:
         return -(-self.used_size // m) * m
 
     def special_ids(self) -> dict[str, int]:
-        """`{"t2i": id, ..., "pad": id}`."""
-        return {name: self.text_size + i for i, name in enumerate(SPECIAL_TOKENS)}
+        """`{"t2i": id, ..., "pad": id}` (the names of `SPECIAL_TOKENS`)."""
+        return {name: self._special(name) for name in SPECIAL_TOKENS}
 
     # Code <-> id maps (jnp; work on any integer array shape).
     def codes_to_ids(self, codes: jax.Array) -> jax.Array:
