@@ -19,6 +19,12 @@ import time
 from absl import app, flags
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "configs"))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import data_synthface  # noqa: E402  (configs/, on the path above)
+
+from unif2ace_jax.data import build, pipeline, records  # noqa: E402
+from unif2ace_jax.data.text_tokenizer import train_sentencepiece  # noqa: E402
 
 flags.DEFINE_string("data_dir", None, "TFDS data dir (default: a temporary directory).")
 flags.DEFINE_string("config_name", "tiny_64", "synthface builder config.")
@@ -34,12 +40,6 @@ FLAGS = flags.FLAGS
 
 def main(argv):
     del argv
-    os.environ.setdefault("JAX_PLATFORMS", "cpu")
-    import data_synthface
-
-    from unif2ace_jax.data import build, pipeline, records
-    from unif2ace_jax.data.text_tokenizer import train_sentencepiece
-
     tmp = None
     data_dir = FLAGS.data_dir
     if data_dir is None:

@@ -36,6 +36,14 @@ import numpy as np  # noqa: E402
 from absl import app, flags  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
+from unif2ace_jax.checkpoint import state as state_lib  # noqa: E402
+from unif2ace_jax.models.moe.seq_moe import dummy_features  # noqa: E402
+from unif2ace_jax.models.unified import build_model, default_features  # noqa: E402
+from unif2ace_jax.optim import make_optimizer  # noqa: E402
+from unif2ace_jax.parallel import rules as rules_lib  # noqa: E402
+from unif2ace_jax.parallel.mesh import make_mesh  # noqa: E402
+from unif2ace_jax.train.train import make_train_step, to_global  # noqa: E402
+
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_reference.py",
                                           "Model config to benchmark.", lock_config=False)
 flags.DEFINE_integer("steps", 5, "Timed train steps per round.")
@@ -75,13 +83,6 @@ def _shapes(config) -> dict:
 
 def build_unified_step(config):
     """(run() -> None blocking, tokens per step, analytic FLOPs per step)."""
-    from unif2ace_jax.models.unified import build_model
-    from unif2ace_jax.parallel import rules as rules_lib
-    from unif2ace_jax.parallel.mesh import make_mesh
-    from unif2ace_jax.checkpoint import state as state_lib
-    from unif2ace_jax.optim import make_optimizer
-    from unif2ace_jax.train.train import make_train_step, to_global
-
     s = _shapes(config)
     m = config.model
     k, grid = int(m.num_image_codes), int(m.image_grid)
@@ -104,9 +105,6 @@ def build_unified_step(config):
     extra_fields = tuple(config.data.get("extra_fields", ()) or ())
     init_features = None
     if extra_fields:
-        from unif2ace_jax.models.moe.seq_moe import dummy_features
-        from unif2ace_jax.models.unified import default_features
-
         shapes = dummy_features(m.seq_moe, b)
         for name in extra_fields:
             batch[name] = rng.standard_normal(shapes[name].shape).astype(np.float32)
@@ -135,7 +133,7 @@ def build_unified_step(config):
 
 def build_torch_step(config):
     """transformers' PhiForCausalLM + torch.optim.AdamW at the reference shape (LM only)."""
-    import torch
+    import torch  # lazy: optional dependency (--torch only)
     from transformers import PhiConfig, PhiForCausalLM
 
     torch.set_num_threads(os.cpu_count() or 1)

@@ -29,6 +29,7 @@ from unif2ace_jax.cli import load_config
 from unif2ace_jax.losses import unified as unified_loss
 from unif2ace_jax.models import backbone
 from unif2ace_jax.models import experts as experts_lib
+from unif2ace_jax.models.encoders import ENCODERS
 from unif2ace_jax.models.moe import seq_moe, token_moe
 from unif2ace_jax.sampling import t2i
 from unif2ace_jax.utils.defaults import with_defaults
@@ -66,10 +67,6 @@ def _parse_arg(arg: str | None) -> dict:
 
 
 def _encoder_name(name: str) -> str:
-    try:
-        from unif2ace_jax.models.encoders import ENCODERS
-    except ImportError:
-        return "precomputed"
     return name if name in ENCODERS else "precomputed"
 
 

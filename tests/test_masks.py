@@ -2,6 +2,7 @@
 
 import jax
 import numpy as np
+import pytest
 
 from unif2ace_jax.models.masks import omni_attention_mask
 
@@ -10,53 +11,54 @@ def _mask(is_pad, span):
     return np.asarray(omni_attention_mask(np.array([is_pad], bool), np.array([span], bool)))[0]
 
 
-def test_t2i_left_padded():
-    # tokens: <pad> <t2i> cap <soi> img img <eoi>
-    is_pad = [1, 0, 0, 0, 0, 0, 0]
-    span = [0, 0, 0, 1, 1, 1, 1]
-    expected = [
-        [1, 0, 0, 0, 0, 0, 0],  # pad row: itself only
-        [0, 1, 0, 0, 0, 0, 0],
-        [0, 1, 1, 0, 0, 0, 0],
-        [0, 1, 1, 1, 1, 1, 1],  # <soi> .. <eoi>: whole span + earlier text
-        [0, 1, 1, 1, 1, 1, 1],
-        [0, 1, 1, 1, 1, 1, 1],
-        [0, 1, 1, 1, 1, 1, 1],
-    ]
-    np.testing.assert_array_equal(_mask(is_pad, span), np.array(expected, bool))
-
-
-def test_mmu_right_padded():
-    # tokens: <mmu> <soi> img <eoi> <bos> q a <pad>
-    is_pad = [0, 0, 0, 0, 0, 0, 0, 1]
-    span = [0, 1, 1, 1, 0, 0, 0, 0]
-    expected = [
-        [1, 0, 0, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
-        [1, 1, 1, 1, 1, 0, 0, 0],
-        [1, 1, 1, 1, 1, 1, 0, 0],
-        [1, 1, 1, 1, 1, 1, 1, 0],
+# Hand-written cases: (is_pad, image span, expected mask: row i attends to column j).
+CASES = [
+    pytest.param(  # tokens: <pad> <t2i> cap <soi> img img <eoi>
+        [1, 0, 0, 0, 0, 0, 0],
+        [0, 0, 0, 1, 1, 1, 1],
+        [
+            [1, 0, 0, 0, 0, 0, 0],  # pad row: itself only
+            [0, 1, 0, 0, 0, 0, 0],
+            [0, 1, 1, 0, 0, 0, 0],
+            [0, 1, 1, 1, 1, 1, 1],  # <soi> .. <eoi>: whole span + earlier text
+            [0, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1],
+            [0, 1, 1, 1, 1, 1, 1],
+        ],
+        id="t2i_left_padded"),
+    pytest.param(  # tokens: <mmu> <soi> img <eoi> <bos> q a <pad>
         [0, 0, 0, 0, 0, 0, 0, 1],
-    ]
-    np.testing.assert_array_equal(_mask(is_pad, span), np.array(expected, bool))
-
-
-def test_two_spans_and_pad_in_the_middle():
-    # <soi> img <eoi> t <pad> <soi> img <eoi>
-    is_pad = [0, 0, 0, 0, 1, 0, 0, 0]
-    span = [1, 1, 1, 0, 0, 1, 1, 1]
-    expected = [
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 0, 0, 0, 0, 0],
-        [1, 1, 1, 1, 0, 0, 0, 0],
+        [0, 1, 1, 1, 0, 0, 0, 0],
+        [
+            [1, 0, 0, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [1, 1, 1, 1, 1, 0, 0, 0],
+            [1, 1, 1, 1, 1, 1, 0, 0],
+            [1, 1, 1, 1, 1, 1, 1, 0],
+            [0, 0, 0, 0, 0, 0, 0, 1],
+        ],
+        id="mmu_right_padded"),
+    pytest.param(  # <soi> img <eoi> t <pad> <soi> img <eoi>
         [0, 0, 0, 0, 1, 0, 0, 0],
-        [1, 1, 1, 1, 0, 1, 1, 1],
-        [1, 1, 1, 1, 0, 1, 1, 1],
-        [1, 1, 1, 1, 0, 1, 1, 1],
-    ]
+        [1, 1, 1, 0, 0, 1, 1, 1],
+        [
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 0, 0, 0, 0, 0],
+            [1, 1, 1, 1, 0, 0, 0, 0],
+            [0, 0, 0, 0, 1, 0, 0, 0],
+            [1, 1, 1, 1, 0, 1, 1, 1],
+            [1, 1, 1, 1, 0, 1, 1, 1],
+            [1, 1, 1, 1, 0, 1, 1, 1],
+        ],
+        id="two_spans_and_pad_in_the_middle"),
+]
+
+
+@pytest.mark.parametrize("is_pad, span, expected", CASES)
+def test_hand_written(is_pad, span, expected):
     np.testing.assert_array_equal(_mask(is_pad, span), np.array(expected, bool))
 
 

@@ -171,9 +171,8 @@ def test_caption_dropout_empties_t2i_captions(setup):
 
 def test_moe_aux_losses_are_added():
     from unif2ace_jax.models.ffn import FFN_SLOTS
-    from unif2ace_jax.models.unified import register_slots
+    import unif2ace_jax.models.unified  # noqa: F401  (registers the token_moe slot)
 
-    register_slots()
     if "token_moe" not in FFN_SLOTS.names():
         pytest.skip("token_moe not available")
     from unif2ace_jax.models.moe import default_config

@@ -26,10 +26,19 @@ import jax.numpy as jnp
 import ml_collections
 from jax.sharding import Mesh
 
+from unif2ace_jax.checkpoint.manager import Checkpointer
 from unif2ace_jax.checkpoint.state import abstract_state, state_shardings
+from unif2ace_jax.data import records
+from unif2ace_jax.data.embeddings import compute_features
+from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.unified import UnifiedModel, build_model
+from unif2ace_jax.models.encoders import ENCODERS, load_encoder
+from unif2ace_jax.models.moe.seq_moe import feature_keys
+from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
+from unif2ace_jax.models.unified import UnifiedModel, build_model, default_features
+from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
+from unif2ace_jax.parallel.mesh import make_mesh
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -94,8 +103,6 @@ class Trained:
     @property
     def text_tokenizer(self):
         if self._text_tokenizer is None:
-            from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
-
             path = self.info["text_tokenizer"]
             if not os.path.isfile(path):
                 raise UserError(f"the text tokenizer this run used is gone: {path}")
@@ -107,8 +114,6 @@ class Trained:
     def image_tokenizer(self):
         """The image tokenizer the run was trained with (`TrainedTokenizer`); UserError if none."""
         if self._image_tokenizer is None:
-            from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
-
             path = self.info.get("tokenizer_workdir") or ""
             if not path:
                 raise UserError(f"the run in {self.workdir} names no image tokenizer "
@@ -122,8 +127,6 @@ class Trained:
         features (e.g. clip, face), loaded on first use (`feature_encoder_specs` says where
         from). Empty when the model reads no such feature."""
         if self._feature_encoders is None:
-            from unif2ace_jax.models.encoders import load_encoder
-
             specs = feature_encoder_specs(self.config, self.info, strict=True)
             self._feature_encoders = {
                 key: load_encoder(spec["encoder"], {"workdir": spec["workdir"],
@@ -135,8 +138,6 @@ class Trained:
     def image_features(self, images) -> dict:
         """Seq-MoE features of new images computed on the fly: uint8 ``[B, H, W, 3]`` ->
         ``{feature_key: float32 [B, D]}`` (what a prepared record would hold; `data.embeddings`)."""
-        from unif2ace_jax.data.embeddings import compute_features
-
         encoders = self.feature_encoders
         return compute_features(encoders, images) if encoders else {}
 
@@ -147,9 +148,6 @@ def frozen_feature_keys(config: ml_collections.ConfigDict) -> dict[str, str]:
     seq_moe = config.model.get("seq_moe", None)
     if seq_moe is None or seq_moe.get("name", "none") == "none":
         return {}
-    from unif2ace_jax.models.encoders import ENCODERS
-    from unif2ace_jax.models.moe.seq_moe import feature_keys
-
     return {k: enc for k, enc in feature_keys(seq_moe).items() if not ENCODERS.get(enc).in_model}
 
 
@@ -157,8 +155,6 @@ def _dataset_embeddings(data: ml_collections.ConfigDict) -> dict:
     """``metadata.json["embeddings"]["fields"]`` of the run's dataset (written by
     `data.embeddings`), or {} when it has none or is gone."""
     try:
-        from unif2ace_jax.data import records
-
         builder = records.load_builder(data.data_dir, data.dataset,
                                        data.get("config_name") or None)
         path = os.path.join(str(builder.data_dir), "metadata.json")
@@ -240,10 +236,6 @@ def load_trained(workdir: str, *, step: int | None = None,
     The parameters are laid out on `mesh_config` (default: all devices on ``fsdp``) with the
     run's sharding rules. UserError when the workdir, its run file or a checkpoint is missing.
     """
-    from unif2ace_jax.checkpoint.manager import Checkpointer
-    from unif2ace_jax.parallel.mesh import make_mesh
-    from unif2ace_jax.optim import make_optimizer
-
     info = load_run_info(workdir)
     config = info["config"]
     ckpt_dir = os.path.join(workdir, CHECKPOINT_DIR)
@@ -272,8 +264,6 @@ def _saved_features(info: Mapping[str, Any]) -> dict | None:
     shapes = info.get("feature_shapes") or {}
     if not shapes:
         return None
-    from unif2ace_jax.models.unified import default_features
-
     # The recorded fields leave out task / mask_ratio (the noise expert's input): add them back.
     extra = {k: jnp.zeros(tuple(v["shape"]), v["dtype"]) for k, v in shapes.items()}
     rows = next(iter(extra.values())).shape[0]

@@ -96,7 +96,7 @@ def load_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
         return out
     if os.path.isfile(torch_bin):
         try:
-            import torch
+            import torch  # lazy: optional dependency (.[convert])
         except ImportError:
             raise UserError("reading pytorch_model.bin needs torch (pip install -e .[convert]); "
                             "or save the model with safetensors") from None

@@ -38,9 +38,19 @@ import re
 import shutil
 from typing import Any, Mapping
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
 import numpy as np
+from absl import flags
+from flax import traverse_util
+from safetensors import SafetensorError, safe_open
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.cli import no_positional, require
+from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.models.tokenizer import lfq, make_tokenizer
+from unif2ace_jax.models.tokenizer.pretrained import save_tokenizer
 
 WEIGHTS_FILE = "pytorch_model.safetensors"
 NUM_GROUPS = 32  # Show-o's Normalize: GroupNorm(32, eps 1e-6)
@@ -72,8 +82,6 @@ def read_checkpoint(checkpoint_dir: str) -> dict[str, np.ndarray]:
     path = os.path.join(checkpoint_dir, WEIGHTS_FILE)
     if not os.path.isfile(path):
         raise UserError(f"no {WEIGHTS_FILE} in {checkpoint_dir}")
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(path, framework="np") as f:
             return {name: f.get_tensor(name) for name in f.keys()}
@@ -142,8 +150,6 @@ def infer_geometry(sd: Mapping[str, np.ndarray]) -> Geometry:
 
 def model_config(geometry: Geometry, image_size: int):
     """The tokenizer workdir's config (``model`` and ``data`` sections) for `geometry`."""
-    import ml_collections
-
     config = ml_collections.ConfigDict()
     config.model = ml_collections.ConfigDict(dict(
         name="magvit2", bits=geometry.bits, ch=geometry.ch, ch_mult=geometry.ch_mult,
@@ -177,13 +183,6 @@ def _torch_name(path: tuple[str, ...]) -> str:
 
 def _expected_params(config) -> dict[tuple[str, ...], tuple[int, ...]]:
     """``{flax param path: shape}`` of the tokenizer `config.model` builds."""
-    import flax.linen as nn
-    import jax
-    import jax.numpy as jnp
-    from flax import traverse_util
-
-    from unif2ace_jax.models.tokenizer import make_tokenizer
-
     model = make_tokenizer(config.model)
     size = model.downsample_factor
     images = jax.ShapeDtypeStruct((1, size, size, 3), jnp.float32)
@@ -194,8 +193,6 @@ def _expected_params(config) -> dict[tuple[str, ...], tuple[int, ...]]:
 
 def _check_quantizer(sd: Mapping[str, np.ndarray], bits: int) -> None:
     """The LFQ buffers must be the big-endian ±1 codebook (UserError otherwise)."""
-    from unif2ace_jax.models.tokenizer import lfq
-
     expected = {"quantize.embedding": np.asarray(lfq.codebook(bits)),
                 "quantize.power_vals": lfq.bit_weights(bits)}
     for name, want in expected.items():
@@ -213,8 +210,6 @@ def convert_state_dict(sd: Mapping[str, np.ndarray], config) -> dict[str, Any]:
 
     Raises UserError naming the first missing, unexpected or wrongly shaped tensor.
     """
-    from flax import traverse_util
-
     expected = _expected_params(config)
     names = {_torch_name(path): path for path in expected}
     unexpected = sorted(set(sd) - set(names) - set(QUANTIZER))
@@ -248,8 +243,6 @@ def convert_directory(checkpoint_dir: str, out_dir: str, image_size: int = 256) 
 
     Everything is checked before anything is written; on an error no new `out_dir` is left.
     """
-    from unif2ace_jax.models.tokenizer.pretrained import save_tokenizer
-
     if not out_dir:
         raise UserError("--out is required")
     if image_size <= 0:
@@ -274,10 +267,6 @@ def convert_directory(checkpoint_dir: str, out_dir: str, image_size: int = 256) 
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from unif2ace_jax.cli import no_positional, require
-
     no_positional(argv)
     f = flags.FLAGS
     checkpoint, out = require("checkpoint"), require("out")
@@ -287,10 +276,6 @@ def main(argv: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    from absl import flags
-
-    from unif2ace_jax.errors import run_cli
-
     flags.DEFINE_string("checkpoint", None, "directory with Show-o's MAGVIT-v2 "
                         "pytorch_model.safetensors")
     flags.DEFINE_string("out", None, "tokenizer workdir to write")

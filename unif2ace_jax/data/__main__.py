@@ -21,9 +21,13 @@ import os
 import shutil
 
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import flags, logging
 from PIL import Image
 
+from unif2ace_jax.data import records
+from unif2ace_jax.data.build import DATASET_BUILDERS, build_dataset, read_texts
+from unif2ace_jax.data.text_tokenizer import SentencePieceTokenizer, train_sentencepiece
 from unif2ace_jax.errors import UserError, run_cli
 
 COMMANDS = ("build", "train_tokenizer", "inspect", "export")
@@ -68,8 +72,6 @@ def _require(name: str) -> str:
 
 
 def _build() -> None:
-    from unif2ace_jax.data.build import DATASET_BUILDERS, build_dataset
-
     dataset = _require("dataset")
     DATASET_BUILDERS.get(dataset)  # unknown name -> error listing the known ones
     data_dir = _require("data_dir")
@@ -92,17 +94,12 @@ def _build() -> None:
 
 
 def _print_summary(path: str) -> None:
-    import tensorflow_datasets as tfds
-
     info = tfds.builder_from_directory(path).info
     for name, split in info.splits.items():
         print(f"  {name}: {split.num_examples} examples")
 
 
 def _train_tokenizer() -> None:
-    from unif2ace_jax.data.build import read_texts
-    from unif2ace_jax.data.text_tokenizer import SentencePieceTokenizer, train_sentencepiece
-
     data_dir = _require("data_dir")
     out = _require("out")
     dataset = FLAGS.dataset or "synthface"
@@ -113,8 +110,6 @@ def _train_tokenizer() -> None:
 
 
 def _inspect() -> None:
-    from unif2ace_jax.data import records
-
     data_dir = _require("data_dir")
     if not os.path.isdir(data_dir):
         raise UserError(f"data directory does not exist: {data_dir}")
@@ -156,8 +151,6 @@ def _export() -> None:
     """Writes the first `--num` records of `--split` as ``face_<i>.png`` plus ``faces.json``
     (per face: file, caption, attributes, QA pairs), e.g. to try `ask` on faces with known
     answers. The directory is filled through a temporary sibling and renamed at the end."""
-    from unif2ace_jax.data import records
-
     data_dir = _require("data_dir")
     out = _require("out")
     if not os.path.isdir(data_dir):

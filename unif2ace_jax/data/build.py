@@ -14,7 +14,11 @@ import os
 import shutil
 from typing import Any, Callable, Iterator
 
+import tensorflow_datasets as tfds
+
 from unif2ace_jax.data import records
+from unif2ace_jax.data.tfds_synthface import make_synthface_builder
+from unif2ace_jax.data.tfds_unif2ace import Unif2ace130k, make_unif2ace_builder
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
 
@@ -25,8 +29,6 @@ DATASET_BUILDERS: Registry[Callable[..., Any]] = Registry("dataset")
 def _synthface(data_dir: str, *, config_name: str | None = None, image_size: int = 64,
                num_train: int = 320, num_test: int = 64, num_heldout: int = 64, seed: int = 0,
                num_workers: int = 1, **unused):
-    from unif2ace_jax.data.tfds_synthface import make_synthface_builder
-
     _no_unused("synthface", unused)
     return make_synthface_builder(
         data_dir, image_size, num_train, num_test, num_heldout, seed,
@@ -38,8 +40,6 @@ def _synthface(data_dir: str, *, config_name: str | None = None, image_size: int
 def _unif2ace(data_dir: str, *, config_name: str | None = None, manual_dir: str | None = None,
               image_size: int | None = None, skip_corrupt: bool = False, test_fraction: float = 0.01,
               **unused):
-    from unif2ace_jax.data.tfds_unif2ace import Unif2ace130k, make_unif2ace_builder
-
     _no_unused("unif2ace_130k", unused)
     if not manual_dir:
         raise UserError("unif2ace_130k needs --manual_dir (the downloaded copy of UniF2ace-130K)")
@@ -68,8 +68,6 @@ def build_dataset(dataset: str, data_dir: str, **options) -> str:
     Options are those of the dataset's builder function (config_name, image_size, num_train,
     ..., manual_dir, skip_corrupt). Raises UserError for bad input, leaving no partial dataset.
     """
-    import tensorflow_datasets as tfds
-
     factory = DATASET_BUILDERS.get(dataset)
     if not data_dir:
         raise UserError("--data_dir is required")

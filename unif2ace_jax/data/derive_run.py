@@ -16,6 +16,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 from absl import flags
 
+from unif2ace_jax import cli
+from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError
 
 
@@ -26,8 +28,6 @@ def open_source(data_dir: str, dataset: str, out_data_dir: str, name: str | None
     The new name defaults to ``<source name><suffix>``; UserError if the new dataset would
     replace the source.
     """
-    from unif2ace_jax.data import records
-
     src_name, _, config = dataset.partition("/")
     source = records.load_builder(data_dir, src_name, config or None)
     out_name = name or f"{src_name}{suffix}"
@@ -72,6 +72,7 @@ def derive_recorded(source: Any, out_data_dir: str, out_name: str, extra: Mappin
     ``out_data_dir/.derive_work/out_name[/config]/<cache_tag>-<digest>``. Returns the new
     dataset's version directory.
     """
+    # lazy: `derive` imports tensorflow_datasets (seconds); ask/generate import this module
     from unif2ace_jax.data.derive import derive_dataset
 
     sub = [source.info.config_name] if source.info.config_name else []
@@ -93,8 +94,6 @@ def cli_splits(argv: list[str], required: Sequence[str]) -> tuple[Any, list[str]
 
     UserError for positional arguments or an empty flag of `required`, in that order.
     """
-    from unif2ace_jax import cli
-
     cli.no_positional(argv)
     for name in required:
         cli.require(name)

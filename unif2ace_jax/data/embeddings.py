@@ -32,10 +32,15 @@ import json
 import os
 from typing import Mapping, Sequence
 
+import jax
 import numpy as np
 from absl import flags
+from flax import serialization
 
+from unif2ace_jax.data import records
+from unif2ace_jax.data.derive_run import cli_splits, derive_recorded, open_source
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.encoders import ENCODERS, load_encoder
 
 FIELDS = {"synthface_face": "face", "synthface_clip": "clip", "clip_vision": "clip"}
 OUTPUTS = ("pooled", "tokens")
@@ -54,8 +59,6 @@ def load_encoders(names: Sequence[str], workdirs: Sequence[str], *, output: str 
     for ``clip_vision``. UserError for unknown names, missing directories, or two encoders
     writing the same field.
     """
-    from unif2ace_jax.models.encoders import ENCODERS, load_encoder
-
     names = [n.strip() for n in names if n.strip()]
     workdirs = [w.strip() for w in workdirs if w.strip()]
     if not names:
@@ -95,9 +98,6 @@ def compute_features(encoders: Mapping[str, object], images: np.ndarray) -> dict
 
 
 def _digest(encoders: Mapping[str, object]) -> str:
-    import jax
-    from flax import serialization
-
     h = hashlib.sha256()
     for field in sorted(encoders):
         enc = encoders[field]
@@ -117,16 +117,10 @@ def prepare_embeddings(data_dir: str, dataset: str, encoders: Sequence[str],
     ``<source>_emb``, in `out_data_dir`, default `data_dir`) keeps the source's config and
     version.
     """
-    import jax
-    import tensorflow_datasets as tfds
-
-    from unif2ace_jax.data import records
-    from unif2ace_jax.data.derive_run import derive_recorded, open_source
+    import tensorflow_datasets as tfds  # lazy: seconds; ask/generate import this module
 
     if batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {batch_size}")
-    from unif2ace_jax.models.encoders import ENCODERS
-
     for encoder in encoders:
         ENCODERS.get(encoder.strip())  # unknown names fail before any work
     out_data_dir = out_data_dir or data_dir
@@ -157,8 +151,6 @@ def prepare_embeddings(data_dir: str, dataset: str, encoders: Sequence[str],
 
 
 def main(argv: list[str]) -> None:
-    from unif2ace_jax.data.derive_run import cli_splits
-
     f, splits = cli_splits(argv, ("data_dir", "dataset", "encoders", "encoder_workdirs"))
     path = prepare_embeddings(f.data_dir, f.dataset, f.encoders.split(","),
                               f.encoder_workdirs.split(","), out_data_dir=f.out_data_dir,

@@ -35,7 +35,9 @@ import ml_collections
 import numpy as np
 from PIL import Image
 
+from unif2ace_jax.data import records, synthface
 from unif2ace_jax.data.records import as_str, decode_image
+from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
 from unif2ace_jax.utils.defaults import with_defaults
@@ -61,24 +63,18 @@ def full_config(data_config: Any) -> ml_collections.ConfigDict:
     return with_defaults(default_config(), data_config, "data")
 
 
-def _attributes_table() -> dict[str, tuple[str, ...]]:
-    from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
-
-    return ATTRIBUTES
-
-
 def attribute_names() -> tuple[str, ...]:
     """The attribute names in label order (the order of SynthFace `ATTRIBUTES`)."""
-    return tuple(_attributes_table())
+    return tuple(ATTRIBUTES)
 
 
 def num_attributes() -> int:
-    return len(_attributes_table())
+    return len(ATTRIBUTES)
 
 
 def num_values() -> tuple[int, ...]:
     """Number of values of each attribute, in label order."""
-    return tuple(len(v) for v in _attributes_table().values())
+    return tuple(len(v) for v in ATTRIBUTES.values())
 
 
 def attribute_labels(attributes: Mapping[str, Any]) -> np.ndarray:
@@ -86,7 +82,7 @@ def attribute_labels(attributes: Mapping[str, Any]) -> np.ndarray:
 
     Attributes absent from `attributes`, or with an unknown value, get -1.
     """
-    table = _attributes_table()
+    table = ATTRIBUTES
     labels = np.full(len(table), -1, np.int32)
     for a, (name, values) in enumerate(table.items()):
         if name not in attributes:
@@ -105,22 +101,15 @@ def attribute_labels(attributes: Mapping[str, Any]) -> np.ndarray:
 
 def labels_to_attributes(labels: np.ndarray) -> dict[str, str]:
     """Inverse of `attribute_labels` for one face (labels -1 are left out)."""
-    table = _attributes_table()
+    table = ATTRIBUTES
     return {name: values[int(i)] for (name, values), i in zip(table.items(), labels) if i >= 0}
 
 
 # --------------------------------------------------------------------------- sources
 
 
-def _synthface_module():
-    from unif2ace_jax.data import synthface
-
-    return synthface
-
-
 def synthface_example(seed: int, split: str, index: int, image_size: int) -> dict:
     """SynthFace example `index` of `split` (identical to the generator's `index`-th output)."""
-    synthface = _synthface_module()
     return synthface.example(seed, index, image_size=image_size, split=split)
 
 
@@ -133,7 +122,6 @@ def synthface_source(data_config: Any, split: str) -> grain.MapDataset:
     data, so no evaluation image is seen): a model meant to *measure* faces, like the judge,
     then knows every attribute combination.
     """
-    synthface = _synthface_module()
     if split not in synthface.SPLITS:
         raise UserError(f"unknown SynthFace split {split!r}; known: {list(synthface.SPLITS)}")
     num = int(data_config.num_examples)
@@ -198,8 +186,6 @@ def record_labels(record: Mapping[str, Any]) -> np.ndarray:
 @IMAGE_SOURCES.register("tfds")
 def tfds_source(data_config: Any, split: str) -> grain.MapDataset:
     """A prepared TFDS dataset (array_record, records of `data/records.py`) read without TF."""
-    from unif2ace_jax.data import records
-
     name = str(data_config.name or "")
     if not name:
         raise UserError("data.name must name the TFDS dataset (e.g. 'synthface')")

@@ -33,6 +33,8 @@ import os
 import re
 from typing import Any, Iterator
 
+import pyarrow.parquet as pq
+
 from unif2ace_jax.errors import UserError
 
 IMAGE_COLUMNS = ("image", "img", "image_bytes", "jpg", "jpeg", "png", "picture", "photo")
@@ -261,18 +263,12 @@ def _match_columns(names: list[str]) -> _Columns | None:
 
 def _parquet_columns(path: str) -> list[str]:
     try:
-        import pyarrow.parquet as pq
-    except ImportError:  # pragma: no cover - pyarrow comes with tensorflow-datasets
-        raise UserError("reading parquet files needs pyarrow: pip install pyarrow") from None
-    try:
         return list(pq.read_schema(path).names)
     except Exception as e:  # pyarrow raises ArrowInvalid / OSError for broken files
         raise UserError(f"cannot read parquet file {path}: {' '.join(str(e).split())[:200]}") from None
 
 
 def _parquet_rows(path: str, columns: list[str] | None = None) -> Iterator[dict]:
-    import pyarrow.parquet as pq
-
     try:
         pf = pq.ParquetFile(path)
         if columns == []:  # only the row count is needed

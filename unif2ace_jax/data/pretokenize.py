@@ -22,16 +22,18 @@ import hashlib
 import os
 
 import numpy as np
+import tensorflow_datasets as tfds
 from absl import flags
 
+from unif2ace_jax.data.derive_run import cli_splits, derive_recorded, open_source
+from unif2ace_jax.data.images import resize_image
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.tokenizer.pretrained import PARAMS_FILE, load_tokenizer
 
 CODES_FIELD = "image_codes"
 
 
 def _params_digest(workdir: str) -> str:
-    from unif2ace_jax.models.tokenizer.pretrained import PARAMS_FILE
-
     h = hashlib.sha256()
     with open(os.path.join(workdir, PARAMS_FILE), "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -47,12 +49,6 @@ def pretokenize(tokenizer_workdir: str, data_dir: str, dataset: str, out_data_di
     `dataset` is ``name`` or ``name/config`` in `data_dir`. The new dataset is named `name`
     (default ``<source name>_codes``) and keeps the source's config and version.
     """
-    import tensorflow_datasets as tfds
-
-    from unif2ace_jax.data.derive_run import derive_recorded, open_source
-    from unif2ace_jax.data.images import resize_image
-    from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
-
     if batch_size <= 0:
         raise UserError(f"--batch_size must be positive, got {batch_size}")
     if not out_data_dir:
@@ -85,8 +81,6 @@ def pretokenize(tokenizer_workdir: str, data_dir: str, dataset: str, out_data_di
 
 
 def main(argv: list[str]) -> None:
-    from unif2ace_jax.data.derive_run import cli_splits
-
     f, splits = cli_splits(argv, ("tokenizer_workdir", "data_dir", "dataset", "out_data_dir"))
     path = pretokenize(f.tokenizer_workdir, f.data_dir, f.dataset, f.out_data_dir, name=f.name,
                        batch_size=f.batch_size, splits=splits)

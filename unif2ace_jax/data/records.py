@@ -32,6 +32,7 @@ import sys
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
+from etils import epath
 from PIL import Image, UnidentifiedImageError
 
 from unif2ace_jax.errors import UserError
@@ -76,14 +77,12 @@ def as_str(value: Any) -> str:
     return str(value)
 
 
-def code_path_of(cls) -> "epath.Path":  # noqa: F821
+def code_path_of(cls) -> epath.Path:
     """The source file of a builder class (TFDS looks for a checksums file next to it).
 
     TFDS 4.9.10's own `code_path` imports the `importlib_resources` backport on Python >= 3.9,
     where it is not installed; builders here override `code_path` with this instead.
     """
-    from etils import epath
-
     return epath.Path(sys.modules[cls.__module__].__file__)
 
 
@@ -94,7 +93,7 @@ def features_dict(image_size: int | None, extra: Mapping[str, Any] | None = None
       image_size: S for images stored [S, S, 3]; None for any size.
       extra: additional features of a derived dataset; may not reuse a base name.
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: seconds; ask/generate import this module
 
     shape = (image_size, image_size, 3) if image_size else (None, None, 3)
     feats = {
@@ -196,7 +195,7 @@ def load_builder(
     the builder class and without TensorFlow. The newest version is used unless `version` is
     given. Raises UserError listing what is there when the dataset is missing.
     """
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: seconds; ask/generate import this module
 
     data_dir = os.fspath(data_dir)
     if not os.path.isdir(data_dir):
@@ -235,7 +234,7 @@ def load_builder(
 def encoded_source(builder, split: str):
     """`builder.as_data_source(split)` with images left as PNG bytes (decode with `decode_image`,
     which names the record in its error; other fields are decoded by TFDS)."""
-    import tensorflow_datasets as tfds
+    import tensorflow_datasets as tfds  # lazy: seconds; ask/generate import this module
 
     decoders = None
     if IMAGE in builder.info.features:

@@ -30,7 +30,7 @@ import multiprocessing
 
 import tensorflow_datasets as tfds
 
-from unif2ace_jax.data import records
+from unif2ace_jax.data import records, synthface
 from unif2ace_jax.errors import UserError
 
 NAME = "synthface"
@@ -76,8 +76,6 @@ class Synthface(tfds.core.GeneratorBasedBuilder):
         return records.code_path_of(cls)
 
     def _info(self) -> tfds.core.DatasetInfo:
-        from unif2ace_jax.data import synthface
-
         cfg = self.builder_config
         return tfds.core.DatasetInfo(
             builder=self,
@@ -119,8 +117,6 @@ _POOL_CHUNK = 32
 
 def _record(job: tuple[int, int, int, str]) -> dict:
     """Record `index` of a split (a top-level function so worker processes can run it)."""
-    from unif2ace_jax.data import synthface
-
     seed, index, image_size, split = job
     ex = synthface.example(seed, index, image_size=image_size, split=split)
     return records.make_record(

@@ -12,6 +12,7 @@ from absl import flags
 
 from unif2ace_jax.cli import begin
 from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.evaluate.unified import evaluate
 
 flags.DEFINE_string("workdir", None, "Training directory of the unified model.")
 flags.DEFINE_string("split", "test", "Split: test, test_heldout_combos, ...")
@@ -38,8 +39,6 @@ def main(argv: list[str]) -> None:
             raise UserError(f"--{name} must be >= 1, got {value}")
     if FLAGS.num_generate < 0 or FLAGS.nelbo_samples < 1 or FLAGS.batch_size < 1:
         raise UserError("--num_generate must be >= 0, --nelbo_samples and --batch_size >= 1")
-    from unif2ace_jax.evaluate.unified import evaluate
-
     result = evaluate(FLAGS.workdir, FLAGS.split, judge_workdir=FLAGS.judge_workdir,
                       max_questions=FLAGS.max_questions, num_generate=FLAGS.num_generate,
                       max_nelbo_images=FLAGS.max_nelbo_images, nelbo_samples=FLAGS.nelbo_samples,

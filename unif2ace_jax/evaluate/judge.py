@@ -28,9 +28,12 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
+from absl import flags, logging
 from flax import serialization
 
 from unif2ace_jax.data import images as images_lib
+from unif2ace_jax.data.records import decode_image
+from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.judge import AttributeJudge, make_judge
 
@@ -109,8 +112,6 @@ def targets_from_attributes(attributes: Sequence[Mapping[str, Any]]) -> np.ndarr
 
 
 def _values() -> tuple[tuple[str, ...], ...]:
-    from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
-
     return tuple(ATTRIBUTES.values())
 
 
@@ -180,8 +181,6 @@ class Judge:
 
 def save_judge(workdir: str, config: ml_collections.ConfigDict, params: Any) -> None:
     """Writes the trained judge (model config, attribute schema, params) into `workdir`."""
-    from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
-
     meta = {"model": config.model.to_dict(), "data": config.data.to_dict(),
             "attributes": {k: list(v) for k, v in ATTRIBUTES.items()}}
     os.makedirs(workdir, exist_ok=True)
@@ -209,8 +208,6 @@ def load_meta(workdir: str) -> dict:
 
 def load_judge(workdir: str, *, batch_size: int = 256) -> Judge:
     """The judge trained into `workdir` by `unif2ace_jax.train.judge`."""
-    from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
-
     meta = load_meta(workdir)
     if meta["attributes"] != {k: list(v) for k, v in ATTRIBUTES.items()}:
         raise UserError(f"the judge in {workdir} was trained on another SynthFace attribute "
@@ -230,8 +227,6 @@ def load_judge(workdir: str, *, batch_size: int = 256) -> Judge:
 def _read_images(path: str) -> tuple[np.ndarray, list[str]]:
     """uint8 [N, H, W, 3] from an .npz (array `images`, or its only array) or a dir of PNGs."""
     if os.path.isdir(path):
-        from unif2ace_jax.data.records import decode_image
-
         names = sorted(f for f in os.listdir(path) if f.lower().endswith((".png", ".jpg", ".jpeg")))
         if not names:
             raise UserError(f"no .png/.jpg images in {path}")
@@ -275,8 +270,6 @@ def _read_attributes(path: str, names: list[str]) -> list[dict]:
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags, logging
-
     logging.set_verbosity(logging.WARNING)  # TFDS logs every dataset load at INFO
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -314,8 +307,6 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("workdir", None, "The judge's training directory.")
     flags.DEFINE_string("split", "test", "Split to score: train, test or test_heldout_combos.")
     flags.DEFINE_integer("num", 1000, "Number of faces of the split to score.")

@@ -19,6 +19,8 @@ import json
 import numpy as np
 from absl import flags
 
+from unif2ace_jax.cli import begin
+from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError, run_cli
 
 flags.DEFINE_string("data_dir", None, "TFDS data dir holding the dataset.")
@@ -87,8 +89,6 @@ def patch_code_psnr(train_images: np.ndarray, test_images: np.ndarray, *, patch:
 
 
 def _images(data_dir: str, dataset: str, split: str, num: int) -> np.ndarray:
-    from unif2ace_jax.data import records
-
     name, _, config = dataset.partition("/")
     source = records.load_builder(data_dir, name, config or None).as_data_source(split)
     if num > len(source):
@@ -103,8 +103,6 @@ def _images(data_dir: str, dataset: str, split: str, num: int) -> np.ndarray:
 
 
 def main(argv: list[str]) -> None:
-    from unif2ace_jax.cli import begin
-
     begin(argv, "data_dir")
     try:
         bits = [int(b) for b in FLAGS.bits]

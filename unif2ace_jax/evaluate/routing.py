@@ -22,11 +22,16 @@ from typing import Any, Iterable, Mapping
 import jax
 import ml_collections
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from unif2ace_jax.data import pipeline
 from unif2ace_jax.evaluate.batches import eval_batches
+from unif2ace_jax.losses.unified import model_inputs, prepare_inputs
+from unif2ace_jax.models.masks import omni_attention_mask
 from unif2ace_jax.models.moe import seq_moe as seq_moe_lib
 from unif2ace_jax.models.moe import token_moe
+from unif2ace_jax.models.moe.seq_routing import prompt_pool_mask
+from unif2ace_jax.models.sequences import TASK_T2I
 from unif2ace_jax.models.unified import UnifiedModel
 from unif2ace_jax.utils.defaults import with_defaults
 
@@ -62,9 +67,6 @@ def _per_layer(tree: Mapping[str, Any], leaf_name: str) -> np.ndarray | None:
 def routing_intermediates(model: UnifiedModel, params: Any, seqs: Mapping[str, jax.Array],
                           features: Mapping[str, jax.Array] | None) -> dict[str, Any]:
     """One backbone pass returning the ``intermediates`` collection (router statistics)."""
-    from unif2ace_jax.models.masks import omni_attention_mask
-    from unif2ace_jax.models.moe.seq_routing import prompt_pool_mask
-
     if model.backbone.seq_moe.name != "none" and not (
             features and "pool_mask" in features):
         features = dict(features or {}, pool_mask=prompt_pool_mask(
@@ -145,8 +147,6 @@ def _panels(stats: Mapping[str, Any]) -> list[tuple[str, np.ndarray, list[str]]]
 def draw_routing_figure(stats: Mapping[str, Any], path: str, *, title: str = "") -> str:
     """Heatmaps (rows: layers, columns: experts; darker = used more, value printed in the cell)
     of every panel of `stats` (`RoutingCounter.result`), saved as a PNG at `path`."""
-    from PIL import Image, ImageDraw, ImageFont
-
     panels = _panels(stats)
     font = ImageFont.load_default()
     cell_w, cell_h, left, top_pad, gap = 44, 18, 56, 34, 24
@@ -189,9 +189,6 @@ def collect_routing(model: UnifiedModel, params: Any, batches: Iterable[Mapping[
     T2I rows get their codes masked as in training (`losses.unified.prepare_inputs`, no caption
     dropout), so the gen group is seen at the noise levels it is trained on.
     """
-    from unif2ace_jax.models.sequences import TASK_T2I
-    from unif2ace_jax.losses.unified import model_inputs, prepare_inputs
-
     @jax.jit
     def run(params, batch, rng):
         inputs = prepare_inputs(model, batch, rng, loss_cfg, train=False,

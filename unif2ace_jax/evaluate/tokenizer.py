@@ -27,11 +27,14 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
+from absl import flags
 
 from unif2ace_jax.data import images as images_lib
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.evaluate.judge import AccuracyTally, load_judge
 from unif2ace_jax.losses import tokenizer as tok_losses
 from unif2ace_jax.models.tokenizer.magvit2 import ImageTokenizer, images_to_model, model_to_images
+from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
 
 
 def make_reconstruct_fn(model: ImageTokenizer):
@@ -50,8 +53,6 @@ def evaluate_params(model: ImageTokenizer, params: Any, data_config: ml_collecti
 
     `judge`: an `evaluate.judge.Judge` or None.
     """
-    from unif2ace_jax.evaluate.judge import AccuracyTally
-
     batches = images_lib.image_batches(data_config, split, batch_size, shuffle=False,
                                        repeat=False, drop_remainder=False, process_index=0,
                                        process_count=1)
@@ -102,10 +103,6 @@ def _data_config(config: ml_collections.ConfigDict, num: int, data_dir: str | No
 
 
 def main(argv: list[str]) -> None:
-    from absl import flags
-
-    from unif2ace_jax.models.tokenizer.pretrained import load_tokenizer
-
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
@@ -116,8 +113,6 @@ def main(argv: list[str]) -> None:
     tok = load_tokenizer(f.workdir)
     judge = None
     if f.judge_workdir:
-        from unif2ace_jax.evaluate.judge import load_judge
-
         judge = load_judge(f.judge_workdir)
     data = _data_config(tok.config, f.num, f.data_dir, f.dataset)
     result = evaluate_params(tok.model, tok.params, data, f.split,
@@ -127,8 +122,6 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags() -> None:
-    from absl import flags
-
     flags.DEFINE_string("workdir", None, "Tokenizer training directory (exported tokenizer).")
     flags.DEFINE_string("split", "test", "Split to evaluate (train, test, test_heldout_combos).")
     flags.DEFINE_integer("num", 1000, "Number of faces.")

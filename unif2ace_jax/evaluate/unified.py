@@ -38,10 +38,18 @@ import jax
 import ml_collections
 import numpy as np
 
+from unif2ace_jax.checkpoint.trained import load_trained
 from unif2ace_jax.data import pipeline, records
+from unif2ace_jax.data.images import resize_image
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.evaluate.batches import eval_batches
+from unif2ace_jax.evaluate.judge import load_judge
+from unif2ace_jax.evaluate.mentions import mentioned_attributes
 from unif2ace_jax.evaluate.routing import has_moe, routing_diagnostics
+from unif2ace_jax.losses.unified import model_inputs, unified_loss
+from unif2ace_jax.sampling.t2i import (codes_to_images, generate_codes, generate_kwargs,
+                                       sampling_options)
+from unif2ace_jax.sampling.vqa import answer_ids
 
 
 def _normalise(text: str) -> str:
@@ -66,9 +74,6 @@ def _feature_columns(batch, keep: np.ndarray, fields: tuple[str, ...]) -> dict[s
 def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
                  batch_size: int = 100) -> dict[str, Any]:
     """Greedy answers to the split's questions vs the reference answers (exact match)."""
-    from unif2ace_jax.sampling.t2i import sampling_options
-    from unif2ace_jax.sampling.vqa import answer_ids
-
     codes, questions, qlens, refs, types = [], [], [], [], []
     fields = _extra_fields(trained)
     feats: dict[str, list[np.ndarray]] = defaultdict(list)
@@ -111,9 +116,7 @@ def vqa_accuracy(trained, split: str, *, max_questions: int | None = None,
 
 
 def _record_attributes(trained, split: str, indices: np.ndarray) -> list[dict]:
-    from unif2ace_jax.data.pipeline import open_split
-
-    source, _ = open_split(trained.config.data, split)
+    source, _ = pipeline.open_split(trained.config.data, split)
     out = []
     for i in indices:
         raw = records.as_str(source[int(i)][records.ATTRIBUTES])
@@ -126,11 +129,6 @@ def generation_accuracy(trained, split: str, judge_workdir: str, *, num_generate
                         steps: int | None = None, guidance: float | None = None
                         ) -> dict[str, Any]:
     """The judge's accuracy on faces generated from the split's first `num_generate` captions."""
-    from unif2ace_jax.evaluate.judge import load_judge
-    from unif2ace_jax.evaluate.mentions import mentioned_attributes
-    from unif2ace_jax.sampling.t2i import (codes_to_images, generate_codes, generate_kwargs,
-                                           sampling_options)
-
     judge = load_judge(judge_workdir)
     image_tokenizer = trained.image_tokenizer
     ids, lens, real, index = [], [], [], []
@@ -156,8 +154,6 @@ def generation_accuracy(trained, split: str, judge_workdir: str, *, num_generate
                            chunk=batch_size, **generate_kwargs(opts))
     images = codes_to_images(image_tokenizer, codes, trained.model.image_grid)
     if images.shape[1] != real.shape[1]:
-        from unif2ace_jax.data.images import resize_image
-
         real = np.stack([resize_image(im, images.shape[1]) for im in real])
     generated = judge.score(images, targets)
     on_real = judge.score(real, targets)
@@ -179,8 +175,6 @@ def nelbo(trained, split: str, *, max_images: int | None = None, samples: int = 
           batch_size: int = 100, seed: int = 0) -> dict[str, Any]:
     """Caption-conditioned NELBO per image token (bits): independent masking, the batch's mask
     ratios stratified over [0, 1) (`sampling.masking`, mode ``stratified``)."""
-    from unif2ace_jax.losses.unified import model_inputs, unified_loss
-
     loss_cfg = ml_collections.ConfigDict(trained.config.loss.to_dict())
     loss_cfg.masking = "stratified"
     loss_cfg.cond_dropout = 0.0
@@ -222,8 +216,6 @@ def evaluate(workdir: str, split: str = "test", *, judge_workdir: str | None = N
              batch_size: int = 100, seed: int = 0, sampler: str | None = None,
              steps: int | None = None, guidance: float | None = None) -> dict[str, Any]:
     """All three evaluations; returns the JSON-ready dict (see module docstring)."""
-    from unif2ace_jax.checkpoint.trained import load_trained
-
     trained = load_trained(workdir)
     # A run's config (run.json) need not name a judge: its trainer has no such field.
     judge_workdir = judge_workdir or trained.config.get("judge_workdir", "") or ""

@@ -27,21 +27,15 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+# Imported for its registrations: the token_moe FFN slot and the grouped_seq_moe slot.
+import unif2ace_jax.models.moe  # noqa: F401
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.backbone import Backbone, build_backbone, full_model_config
 from unif2ace_jax.models.masks import omni_attention_mask
+from unif2ace_jax.models.moe.seq_routing import prompt_pool_mask
 from unif2ace_jax.models.sequences import (GROUP_ASSIGNMENTS, POSITION_MODES, build_sequences,
                                            sequence_length)
 from unif2ace_jax.models.vocab import Vocab
-
-
-def register_slots() -> None:
-    """Imports the modules that register FFN / seq-MoE slots (token_moe, grouped_seq_moe)."""
-    import unif2ace_jax.models.moe  # noqa: F401  (token_moe)
-    try:
-        import unif2ace_jax.models.moe.seq_moe  # noqa: F401  (grouped_seq_moe)
-    except ImportError:  # the seq-MoE is optional; the dense model does not need it
-        pass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +125,6 @@ class UnifiedModel:
         mask = omni_attention_mask(seqs["is_pad"], seqs["image_span"])
         if self.backbone.seq_moe.get("name", "none") != "none" and not (
                 features and "pool_mask" in features):
-            from unif2ace_jax.models.moe.seq_routing import prompt_pool_mask
-
             features = dict(features or {}, pool_mask=prompt_pool_mask(
                 seqs["valid"], seqs.get("target_weights")))
         rngs = {} if dropout_rng is None else {"dropout": dropout_rng}
@@ -226,7 +218,6 @@ def build_model(model_config: ml_collections.ConfigDict, *, text_vocab_size: int
 
     ``config.model``: fields of `backbone.default_config` (missing ones take its defaults).
     """
-    register_slots()
     model_config = full_model_config(model_config)
     if image_grid < 1:
         raise UserError(f"image grid must be >= 1, got {image_grid}")

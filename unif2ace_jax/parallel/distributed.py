@@ -25,6 +25,8 @@ import dataclasses
 import os
 from typing import Mapping
 
+import jax
+
 from unif2ace_jax.errors import UserError
 
 
@@ -96,8 +98,6 @@ def maybe_initialize(*, coordinator: str | None = None, num_processes: int | Non
 
     Returns the `Launch` (None: single process, nothing done).
     """
-    import jax
-
     env = os.environ if env is None else env
     launch = launch_kind(env, coordinator=coordinator, num_processes=num_processes,
                          process_id=process_id)

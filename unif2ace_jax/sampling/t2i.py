@@ -21,6 +21,8 @@ import ml_collections
 import numpy as np
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.encoders import ENCODERS
+from unif2ace_jax.models.moe.seq_moe import dummy_features, feature_keys
 from unif2ace_jax.models.sequences import TASK_T2I, build_t2i_prompt
 from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.sampling import T2I_SAMPLERS
@@ -81,9 +83,6 @@ def absent_features(model: UnifiedModel, rows: int) -> dict[str, jax.Array]:
     cfg = model.backbone.seq_moe
     if cfg.get("name", "none") == "none":
         return {}
-    from unif2ace_jax.models.encoders import ENCODERS
-    from unif2ace_jax.models.moe.seq_moe import dummy_features, feature_keys
-
     needed = [k for k, enc in feature_keys(cfg).items() if not ENCODERS.get(enc).in_model]
     if not needed:
         return {}

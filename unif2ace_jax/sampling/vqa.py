@@ -19,6 +19,7 @@ from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.sequences import TASK_MMU, build_mmu_prefix
 from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.sampling.mmu import mmu_decode
+from unif2ace_jax.sampling.t2i import encode_texts, sampling_options
 
 
 def answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray, question: np.ndarray,
@@ -90,8 +91,6 @@ def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str],
                      features: Mapping[str, np.ndarray] | None = None) -> list[str]:
     """Answer strings for (image codes ``[B, N]``, question strings); `trained` is a
     `checkpoint.trained.Trained`; `features` as in `answer_ids` (one row per image)."""
-    from unif2ace_jax.sampling.t2i import encode_texts, sampling_options
-
     if len(questions) != len(image_codes):
         raise UserError(f"{len(image_codes)} images but {len(questions)} questions")
     tok = trained.text_tokenizer

@@ -5,11 +5,12 @@ python -m unif2ace_jax.data.synthface --out=/tmp/synthface.png --num=16 --image_
 
 from __future__ import annotations
 
+import numpy as np
 from absl import flags
 
-import numpy as np
-
+from unif2ace_jax.data.synthface import generate
 from unif2ace_jax.errors import UserError, run_cli
+from unif2ace_jax.utils.image_grid import save_image_grid
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("out", None, "PNG file for the preview grid.")
@@ -24,9 +25,6 @@ flags.DEFINE_bool("qa", False, "Also print the QA pairs.")
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise UserError(f"unexpected arguments: {' '.join(argv[1:])}")
-    from unif2ace_jax.data.synthface import generate
-    from unif2ace_jax.utils.image_grid import save_image_grid
-
     if not FLAGS.out:
         raise UserError("--out=FILE.png is required")
     if FLAGS.num < 1:

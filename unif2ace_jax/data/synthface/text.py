@@ -20,6 +20,8 @@ attributes join their names with "+" in ATTRIBUTES order (e.g. "glasses+earrings
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
@@ -265,57 +267,50 @@ def _present(a: dict[str, str], name: str) -> bool:
     return a[name] != "none"
 
 
+# The yes/no question about value v of an attribute; presence attributes (second table) ask
+# about "none" with `PRESENCE_ITEMS`' noun instead, and freckles only that way.
+_VALUE_QUESTIONS: dict[str, Callable[[str], str]] = {
+    "hair_color": lambda v: f"Does the person have {v} hair?",
+    "hair_style": lambda v: f"Does the person have {_HAIR_STYLE_NP[v]}?",
+    "eye_color": lambda v: f"Are the person's eyes {v}?",
+    "eyebrows": lambda v: f"Does the person have {v} eyebrows?",
+    "expression": lambda v: ("Does the person have a neutral expression?" if v == "neutral"
+                             else f"Is the person {v}?"),
+    "skin_tone": lambda v: f"Does the person have {v} skin?",
+    "face_shape": lambda v: f"Does the person have {_a(v)} face?",
+    "nose": lambda v: f"Does the person have {_a(v)} nose?",
+    "background": lambda v: f"Is the background {v}?",
+    "shirt_color": lambda v: f"Is the person wearing {_a(v)} shirt?",
+    "head_turn": lambda v: ("Is the person facing the camera?" if v == "frontal"
+                            else f"Is the person's head turned to the {v}?"),
+}
+_PRESENT_VALUE_QUESTIONS: dict[str, Callable[[str], str]] = {
+    "glasses": lambda v: f"Is the person wearing {v} glasses?",
+    "beard": lambda v: f"Does the person have {_BEARD_NP[v]}?",
+    "moustache": lambda v: f"Does the person have {_a(v)} moustache?",
+    "earrings": lambda v: f"Is the person wearing {_EARRINGS_NP[v]}?",
+    "hat": lambda v: f"Is the person wearing {_a(v)}?",
+    "lipstick": lambda v: f"Is the person wearing {v} lipstick?",
+}
+
+
 def _yes_no_candidates(a: dict[str, str], name: str) -> list[tuple[str, str]]:
     """All yes/no questions about attribute `name`, with their true answers."""
     qs: list[tuple[str, bool]] = []
     values = ATTRIBUTES[name]
     for v in values:
-        if name == "hair_color":
-            q = f"Does the person have {v} hair?"
-        elif name == "hair_style":
-            q = f"Does the person have {_HAIR_STYLE_NP[v]}?"
-        elif name == "eye_color":
-            q = f"Are the person's eyes {v}?"
-        elif name == "eyebrows":
-            q = f"Does the person have {v} eyebrows?"
-        elif name == "expression":
-            q = ("Does the person have a neutral expression?" if v == "neutral"
-                 else f"Is the person {v}?")
-        elif name == "skin_tone":
-            q = f"Does the person have {v} skin?"
-        elif name == "face_shape":
-            q = f"Does the person have {_a(v)} face?"
-        elif name == "nose":
-            q = f"Does the person have {_a(v)} nose?"
-        elif name == "background":
-            q = f"Is the background {v}?"
-        elif name == "shirt_color":
-            q = f"Is the person wearing {_a(v)} shirt?"
-        elif name == "head_turn":
-            q = ("Is the person facing the camera?" if v == "frontal"
-                 else f"Is the person's head turned to the {v}?")
+        if name in _VALUE_QUESTIONS:
+            q = _VALUE_QUESTIONS[name](v)
         elif v == "none":
             noun = PRESENCE_ITEMS[name][0]
             worn = name in ("glasses", "earrings", "hat", "lipstick")
             q = f"Is the person wearing {noun}?" if worn else f"Does the person have {noun}?"
             qs.append((q, _present(a, name)))
             continue
-        elif name == "glasses":
-            q = f"Is the person wearing {v} glasses?"
-        elif name == "beard":
-            q = f"Does the person have {_BEARD_NP[v]}?"
-        elif name == "moustache":
-            q = f"Does the person have {_a(v)} moustache?"
-        elif name == "earrings":
-            q = f"Is the person wearing {_EARRINGS_NP[v]}?"
-        elif name == "hat":
-            q = f"Is the person wearing {_a(v)}?"
-        elif name == "lipstick":
-            q = f"Is the person wearing {v} lipstick?"
         elif name == "freckles":
             continue  # covered by the presence question
-        else:  # pragma: no cover - every attribute is handled above
-            raise KeyError(name)
+        else:  # KeyError for an attribute no table handles
+            q = _PRESENT_VALUE_QUESTIONS[name](v)
         qs.append((q, a[name] == v))
     return [(q, "yes" if truth else "no") for q, truth in qs]
 

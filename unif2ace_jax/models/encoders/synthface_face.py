@@ -30,6 +30,7 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 
+from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders.contrastive import l2_normalize
 from unif2ace_jax.models.judge import ConvBlock, preprocess, value_mask
 from unif2ace_jax.utils.defaults import with_defaults
@@ -120,8 +121,6 @@ def make_image_encoder(cfg: ml_collections.ConfigDict | dict) -> ConvImageEncode
     blocks = (int(blocks),) * len(widths) if isinstance(blocks, int) else tuple(
         int(b) for b in blocks)
     if len(blocks) != len(widths):
-        from unif2ace_jax.errors import UserError
-
         raise UserError(f"encoder blocks {blocks} do not match widths {widths}")
     return ConvImageEncoder(
         embed_dim=int(cfg["embed_dim"]), widths=widths, blocks=blocks,

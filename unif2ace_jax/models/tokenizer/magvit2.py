@@ -190,14 +190,16 @@ def _per_level(value: int | Sequence[int], levels: int, what: str) -> tuple[int,
     return value
 
 
-class DownLevel(nn.Module):
-    """One encoder level: ``block_0..block_{n-1}`` at width `out_channels`, then an optional
-    2× ``downsample``."""
+class ResLevel(nn.Module):
+    """One encoder or decoder level: ``block_0..block_{n-1}`` at width `out_channels`, then an
+    optional 2× ``downsample`` (encoder: `downsample` names its mode) or ``upsample`` (decoder).
+    """
 
     out_channels: int
     num_blocks: int
     num_groups: int
-    downsample: str | None  # None on the last level
+    downsample: str | None = None  # None: no downsampling (decoder, last encoder level)
+    upsample: bool = False
     remat: bool = False
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
@@ -210,27 +212,6 @@ class DownLevel(nn.Module):
             x = block_cls(self.out_channels, self.num_groups, name=f"block_{j}", **kw)(x)
         if self.downsample is not None:
             x = Downsample(self.downsample, name="downsample", **kw)(x)
-        return x
-
-
-class UpLevel(nn.Module):
-    """One decoder level: ``block_0..block_{n-1}`` at width `out_channels`, then an optional
-    2× ``upsample``."""
-
-    out_channels: int
-    num_blocks: int
-    num_groups: int
-    upsample: bool
-    remat: bool = False
-    dtype: jnp.dtype = jnp.float32
-    param_dtype: jnp.dtype = jnp.float32
-
-    @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        block_cls = nn.remat(ResnetBlock) if self.remat else ResnetBlock
-        for j in range(self.num_blocks):
-            x = block_cls(self.out_channels, self.num_groups, name=f"block_{j}", **kw)(x)
         if self.upsample:
             x = Upsample(name="upsample", **kw)(x)
         return x
@@ -262,9 +243,9 @@ class Encoder(nn.Module):
         x = space_to_depth(x.astype(self.dtype), self.patch_size)
         h = conv(self.ch, 3, name="conv_in", **kw)(x)
         for i in range(levels):
-            h = DownLevel(self.ch * self.ch_mult[i], blocks[i], self.num_groups,
-                          self.downsample if i != levels - 1 else None, self.remat,
-                          name=f"down_{i}", **kw)(h)
+            h = ResLevel(self.ch * self.ch_mult[i], blocks[i], self.num_groups,
+                         downsample=self.downsample if i != levels - 1 else None,
+                         remat=self.remat, name=f"down_{i}", **kw)(h)
         if self.pos_embed:
             h = add_position_embedding(self, h)
         h = MidBlock(self.num_groups, self.mid_attention, name="mid", **kw)(h)
@@ -305,8 +286,8 @@ class Decoder(nn.Module):
             h = add_position_embedding(self, h)
         h = MidBlock(self.num_groups, self.mid_attention, name="mid", **kw)(h)
         for i in reversed(range(levels)):
-            h = UpLevel(self.ch * self.ch_mult[i], blocks[i], self.num_groups, i != 0,
-                        self.remat, name=f"up_{i}", **kw)(h)
+            h = ResLevel(self.ch * self.ch_mult[i], blocks[i], self.num_groups, upsample=i != 0,
+                         remat=self.remat, name=f"up_{i}", **kw)(h)
         h = nn.swish(group_norm(self.num_groups, name="norm_out", **kw)(h))
         h = conv(self.out_channels * self.patch_size ** 2, 3, name="conv_out", **kw)(h)
         return depth_to_space(h, self.patch_size).astype(jnp.float32)

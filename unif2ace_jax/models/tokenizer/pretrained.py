@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from flax import serialization
+from jax.experimental import multihost_utils
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer import make_tokenizer
@@ -33,8 +34,6 @@ CONFIG_FILE = "tokenizer_config.json"
 
 def _host_array(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(jax.device_get(x))
 
