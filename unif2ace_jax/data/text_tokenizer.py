@@ -30,6 +30,7 @@ import tempfile
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import sentencepiece as spm
+import tokenizers
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
@@ -126,16 +127,6 @@ def showo_added_token_ids(text_vocab_size: int) -> dict[str, int]:
     return {name: text_vocab_size + i for i, name in enumerate(SHOWO_ADDED_TOKENS)}
 
 
-def _tokenizers():
-    """The `tokenizers` package (optional: only the BPE tokenizer needs it)."""
-    try:
-        import tokenizers
-    except ImportError:
-        raise UserError("the gpt2_bpe text tokenizer needs the `tokenizers` package "
-                        "(pip install tokenizers)") from None
-    return tokenizers
-
-
 def _one_line(e: BaseException, limit: int = 200) -> str:
     return " ".join(str(e).split())[:limit]
 
@@ -162,7 +153,6 @@ def _bpe_from_tokenizer_json(path: str):
 
     Returns (tokenizer, {stripped token: its id in the file}).
     """
-    tk = _tokenizers()
     data = _read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
@@ -175,7 +165,7 @@ def _bpe_from_tokenizer_json(path: str):
     data["added_tokens"] = [t for t in added
                             if not (isinstance(t, dict) and t.get("content") in stripped)]
     try:
-        return tk.Tokenizer.from_str(json.dumps(data)), stripped
+        return tokenizers.Tokenizer.from_str(json.dumps(data)), stripped
     except Exception as e:  # tokenizers raises a bare Exception
         raise UserError(f"not a tokenizers file: {path} ({_one_line(e)})") from None
 
@@ -185,20 +175,19 @@ def _bpe_from_vocab_merges(tokenizer_dir: str, specials: set[str]):
 
     Returns (tokenizer, {stripped Show-o token: its id in added_tokens.json}).
     """
-    tk = _tokenizers()
     vocab_path = os.path.join(tokenizer_dir, "vocab.json")
     merges_path = os.path.join(tokenizer_dir, "merges.txt")
     vocab = _read_json(vocab_path)
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise UserError(f"{vocab_path}: expected a JSON object token → integer id")
     try:
-        tok = tk.Tokenizer(tk.models.BPE.from_file(vocab_path, merges_path))
+        tok = tokenizers.Tokenizer(tokenizers.models.BPE.from_file(vocab_path, merges_path))
     except Exception as e:  # tokenizers raises a bare Exception
         raise UserError(f"cannot read BPE merges {merges_path} ({_one_line(e)})") from None
-    tok.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = tk.decoders.ByteLevel()
-    tok.post_processor = tk.processors.ByteLevel(trim_offsets=False)
-    tok.add_special_tokens([tk.AddedToken(t, special=True, normalized=False)
+    tok.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = tokenizers.decoders.ByteLevel()
+    tok.post_processor = tokenizers.processors.ByteLevel(trim_offsets=False)
+    tok.add_special_tokens([tokenizers.AddedToken(t, special=True, normalized=False)
                             for t in sorted(specials | {ENDOFTEXT}) if t in vocab])
 
     added_path = os.path.join(tokenizer_dir, "added_tokens.json")
@@ -211,7 +200,7 @@ def _bpe_from_vocab_merges(tokenizer_dir: str, specials: set[str]):
             stripped[content] = want
             continue
         if content not in vocab:
-            tok.add_tokens([tk.AddedToken(content, special=content in specials)])
+            tok.add_tokens([tokenizers.AddedToken(content, special=content in specials)])
         if tok.token_to_id(content) != want:
             raise UserError(f"{added_path}: token {content!r} has id {want}, but "
                             f"{tok.token_to_id(content)} when added after the vocabulary")
@@ -308,7 +297,7 @@ class GPT2BPETokenizer:
 
     def __setstate__(self, state: dict) -> None:
         self.model_path = state["model_path"]
-        self._tok = _tokenizers().Tokenizer.from_str(state["json"])
+        self._tok = tokenizers.Tokenizer.from_str(state["json"])
         self._vocab_size, self._bos_id, self._eos_id = state["ids"]
 
 

@@ -32,6 +32,7 @@ import numpy as np
 
 from unif2ace_jax.data import encoder_data
 from unif2ace_jax.data import images as images_lib
+from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.evaluate.judge import AccuracyTally
 from unif2ace_jax.models.encoders import synthface_saved
@@ -41,9 +42,9 @@ from unif2ace_jax.models.encoders.synthface_face import make_face_model
 from unif2ace_jax.models.judge import value_mask
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train import loop
-from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.judge import random_shift
 from unif2ace_jax.train.progress import format_duration
+from unif2ace_jax.utils.defaults import fill_missing
 
 KINDS = ("face", "clip")
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(
@@ -166,8 +167,6 @@ def evaluate_clip(model, params, arrays: dict[str, np.ndarray], batch_size: int 
 
 
 def _tokenizer(config: ml_collections.ConfigDict):
-    from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
-
     tok = config.data.tokenizer
     if not tok.model_path:
         raise UserError("config.data.tokenizer.model_path must name the SentencePiece model "

@@ -23,8 +23,8 @@ from unif2ace_jax.evaluate import judge as judge_eval  # the saved-judge format 
 from unif2ace_jax.models.judge import AttributeJudge, judge_loss, make_judge
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.train import loop
-from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.progress import format_duration
+from unif2ace_jax.utils.defaults import fill_missing
 
 
 def default_config() -> dict:

@@ -43,8 +43,8 @@ from unif2ace_jax.models.tokenizer.pretrained import CONFIG_FILE, save_tokenizer
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import loop
-from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.progress import format_duration, progress_line
+from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.utils.image_grid import save_image_grid
 
 TRAIN_SUMMARY = "train_summary.json"  # written once training has completed

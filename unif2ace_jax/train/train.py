@@ -45,17 +45,20 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from unif2ace_jax.checkpoint import state as state_lib
 from unif2ace_jax.checkpoint import trained as trained_lib
+from unif2ace_jax.data.pipeline import load_tokenizer, make_train_iterator
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.losses.unified import MODEL_KEYS, model_inputs, unified_loss
+from unif2ace_jax.models.tokenizer import make_tokenizer
+from unif2ace_jax.models.tokenizer.pretrained import load_config
 from unif2ace_jax.models.sequences import sequence_length
 from unif2ace_jax.models.unified import UnifiedModel, build_model, default_features
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import presets as presets_lib
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.train import loop
-from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.train.loop import to_global  # noqa: F401  (the bench and tests lay out batches with it)
 from unif2ace_jax.train.progress import format_duration, progress_line
+from unif2ace_jax.utils.defaults import fill_missing
 
 # The fields `image_code_geometry` reads, with their defaults (it also serves aot and summary).
 GEOMETRY_DEFAULTS = {"tokenizer_workdir": "", "model": {"num_image_codes": 0, "image_grid": 0}}
@@ -75,9 +78,6 @@ def image_code_geometry(config: ml_collections.ConfigDict) -> tuple[int, int]:
     k, grid = int(config.model.num_image_codes), int(config.model.image_grid)
     tok_dir = config.tokenizer_workdir or ""
     if tok_dir:
-        from unif2ace_jax.models.tokenizer import make_tokenizer
-        from unif2ace_jax.models.tokenizer.pretrained import load_config
-
         tok_config, _ = load_config(tok_dir)
         tok_model = make_tokenizer(tok_config.model)
         tok_k = tok_model.codebook_size
@@ -186,8 +186,6 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     `stop_after`: leave after this many steps of this invocation (with a checkpoint), as a
     preempted job would; a later call resumes. The schedule still spans ``total_steps``.
     """
-    from unif2ace_jax.data.pipeline import load_tokenizer, make_train_iterator
-
     # ======================================================================= config and mesh
     config = fill_missing(presets_lib.apply_preset(config), default_config())
     total_steps = int(config.total_steps)
