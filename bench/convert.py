@@ -119,7 +119,7 @@ def make_showo(directory: str, seed: int) -> int:
             json.dump(value, f, indent=1)
     source = showo_conv.read_source(directory)
     source = dataclasses.replace(source, qk_layernorm=True)
-    tensors = [(name, tuple(target.shape))
+    tensors = [(name, tuple(target.torch_shape))
                for name, target in showo_conv.expected_tensors(source).items()]
     return write_safetensors(source.weights, tensors, _random_fill(seed))
 

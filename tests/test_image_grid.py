@@ -51,7 +51,7 @@ def test_save_atomic_and_creates_dirs(tmp_path):
     grid = save_image_grid(_images(), path, ncols=3)
     assert path.exists()
     np.testing.assert_array_equal(np.asarray(Image.open(path).convert("RGB")), grid)
-    assert [f for f in os.listdir(path.parent) if f.startswith(".tmp")] == []
+    assert [f for f in os.listdir(path.parent) if ".tmp" in f] == []
 
 
 def test_bad_inputs():

@@ -44,6 +44,7 @@ from absl import flags
 from unif2ace_jax import cli
 from unif2ace_jax.errors import UserError, run_cli
 from unif2ace_jax.stage_graph import run_graph
+from unif2ace_jax.utils.files import write_atomically, write_json
 
 flags.DEFINE_string("workdir", "runs/default", "Where every stage writes its outputs.")
 flags.DEFINE_string("stages", "all", "Comma-separated stages to run (default: all, in order).")
@@ -421,10 +422,7 @@ def _run(command: list[str], stage: str, abort: threading.Event) -> None:
         with _lock:
             sys.stdout.write(stdout)
             sys.stdout.flush()
-        tmp = out_path + ".tmp"
-        with open(tmp, "w") as f:
-            f.write(stdout)
-        os.replace(tmp, out_path)
+        write_atomically(out_path, stdout)
 
 
 def _run_stage(stage: Stage, workdir: str, force: bool, abort: threading.Event) -> None:
@@ -480,9 +478,7 @@ def main(argv: list[str]) -> None:
                 summary.update(stage.summary(workdir))
         summary["wall_seconds"] = round(time.time() - start, 1)
         path = os.path.join(workdir, "summary.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(summary, f, indent=2)
-        os.replace(path + ".tmp", path)
+        write_json(path, summary, indent=2)
         print(json.dumps(summary, indent=2))
         print(f"== all stages done in {summary['wall_seconds']:.0f}s; summary: {path}")
 

@@ -39,6 +39,7 @@ from unif2ace_jax.models.unified import UnifiedModel, build_model, default_featu
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.parallel.mesh import make_mesh
+from unif2ace_jax.utils.files import write_json
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -54,10 +55,7 @@ def save_run_info(workdir: str, config: ml_collections.ConfigDict, **info: Any) 
         return
     os.makedirs(workdir, exist_ok=True)
     payload = {"config": json.loads(config.to_json_best_effort()), **info}
-    tmp = os.path.join(workdir, RUN_FILE + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=1)
-    os.replace(tmp, os.path.join(workdir, RUN_FILE))
+    write_json(os.path.join(workdir, RUN_FILE), payload, indent=1)
 
 
 def load_run_info(workdir: str) -> dict:

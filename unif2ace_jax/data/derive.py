@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import tempfile
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +38,7 @@ from tqdm import tqdm
 
 from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.files import atomic_open, write_json
 
 ComputeFn = Callable[[dict[str, np.ndarray]], Mapping[str, Any]]
 
@@ -96,15 +96,8 @@ def _check_outputs(out: Any, extra_features: Mapping[str, Any], n: int) -> dict[
 
 
 def _atomic_savez(path: str, arrays: Mapping[str, np.ndarray]) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".npz", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        np.savez(f, **arrays)
 
 
 def derive_dataset(
@@ -199,9 +192,7 @@ def _claim_work_dir(work_dir: str, manifest: dict) -> None:
                 "delete it or pass another work_dir"
             )
     else:
-        with open(mpath + ".tmp", "w") as f:
-            json.dump(manifest, f, indent=1, sort_keys=True)
-        os.replace(mpath + ".tmp", mpath)
+        write_json(mpath, manifest, indent=1, sort_keys=True)
 
 
 def _compute_chunks(sources: Mapping[str, Any], sizes: Mapping[str, int], work_dir: str,

@@ -19,6 +19,7 @@ from absl import flags
 from unif2ace_jax import cli
 from unif2ace_jax.data import records
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.files import write_json
 
 
 def open_source(data_dir: str, dataset: str, out_data_dir: str, name: str | None,
@@ -54,9 +55,7 @@ def record(path: str, key: str, entry: Mapping[str, Any]) -> None:
         with open(meta_path) as f:
             meta = json.load(f)
     meta[key] = entry
-    with open(meta_path + ".tmp", "w") as f:
-        json.dump(meta, f, indent=1)
-    os.replace(meta_path + ".tmp", meta_path)
+    write_json(meta_path, meta, indent=1)
 
 
 def derive_recorded(source: Any, out_data_dir: str, out_name: str, extra: Mapping[str, Any],

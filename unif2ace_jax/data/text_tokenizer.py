@@ -26,7 +26,6 @@ import io
 import json
 import os
 import re
-import tempfile
 from typing import Iterable, Iterator, Protocol, runtime_checkable
 
 import sentencepiece as spm
@@ -34,6 +33,7 @@ import tokenizers
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
+from unif2ace_jax.utils.files import write_atomically
 
 TEXT_TOKENIZERS: Registry = Registry("text tokenizer")
 
@@ -328,7 +328,7 @@ def train_sentencepiece(
     Returns:
       out_path as a string.
     """
-    out_dir = _check_training_args(model_type, vocab_size, out_path)
+    _check_training_args(model_type, vocab_size, out_path)
     counter = {"n": 0}
 
     def sentences() -> Iterator[str]:
@@ -363,7 +363,7 @@ def train_sentencepiece(
     except RuntimeError as e:
         raise _training_error(str(e), counter["n"]) from None
     out_path = os.fspath(out_path)
-    _write_atomically(out_path, out_dir, model.getvalue())
+    write_atomically(out_path, model.getvalue())
     return out_path
 
 
@@ -394,13 +394,3 @@ def _training_error(msg: str, num_texts: int) -> UserError:
     return UserError(f"SentencePiece training failed: {' '.join(msg.split())[:300]}")
 
 
-def _write_atomically(out_path: str, out_dir: str, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".model", dir=out_dir)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, out_path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise

@@ -36,6 +36,7 @@ from unif2ace_jax.data.records import decode_image
 from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.judge import AttributeJudge, make_judge
+from unif2ace_jax.utils.files import write_atomically
 
 PARAMS_FILE = "judge_params.msgpack"
 CONFIG_FILE = "judge_config.json"
@@ -185,10 +186,7 @@ def save_judge(workdir: str, config: ml_collections.ConfigDict, params: Any) -> 
             "attributes": {k: list(v) for k, v in ATTRIBUTES.items()}}
     os.makedirs(workdir, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
-    tmp = os.path.join(workdir, PARAMS_FILE + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(serialization.msgpack_serialize(params))
-    os.replace(tmp, os.path.join(workdir, PARAMS_FILE))
+    write_atomically(os.path.join(workdir, PARAMS_FILE), serialization.msgpack_serialize(params))
     with open(os.path.join(workdir, CONFIG_FILE), "w") as f:
         json.dump(meta, f, indent=1, default=list)
 

@@ -20,7 +20,6 @@ has completed.
 from __future__ import annotations
 
 import functools
-import json
 import os
 from typing import Any, NamedTuple
 
@@ -46,6 +45,7 @@ from unif2ace_jax.train import loop
 from unif2ace_jax.train.progress import format_duration, progress_line
 from unif2ace_jax.utils.defaults import fill_missing
 from unif2ace_jax.utils.image_grid import save_image_grid
+from unif2ace_jax.utils.files import write_json
 
 TRAIN_SUMMARY = "train_summary.json"  # written once training has completed
 
@@ -253,9 +253,7 @@ def _finish(config: ml_collections.ConfigDict, model: ImageTokenizer, workdir: s
     run.logger.log(run.step, record, print_line=False)
     if jax.process_index() == 0:  # written last: its presence says training completed
         path = os.path.join(workdir, TRAIN_SUMMARY)
-        with open(path + ".tmp", "w") as f:
-            json.dump({"step": run.step, **record}, f)
-        os.replace(path + ".tmp", path)
+        write_json(path, {"step": run.step, **record})
     print(f"[tokenizer] trained {run.step - run.first_step} steps in "
           f"{format_duration(run.train_seconds)}; tokenizer exported to {workdir}", flush=True)
     return record

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.files import atomic_open
 
 _PAD = 2
 _LABEL_HEIGHT = 12
@@ -80,20 +80,10 @@ def save_image_grid(images: np.ndarray, path: str | os.PathLike, ncols: int | No
                     labels: Sequence[str] | None = None, upscale: int = 1) -> np.ndarray:
     """Writes `make_image_grid(...)` to `path` as PNG atomically; returns the grid array.
 
-    The parent directory is created; the PNG is written to a temporary file in the same
-    directory and moved into place with os.replace, so readers never see a partial file.
+    The parent directory is created; the PNG is written with `utils.files.atomic_open`, so
+    readers never see a partial file.
     """
     grid = make_image_grid(images, ncols=ncols, labels=labels, upscale=upscale)
-    path = os.fspath(path)
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp_grid_", suffix=".png", dir=parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            Image.fromarray(grid).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_open(path, "wb") as f:
+        Image.fromarray(grid).save(f, format="PNG")
     return grid

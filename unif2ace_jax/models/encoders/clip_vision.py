@@ -30,6 +30,7 @@ import numpy as np
 from flax import serialization
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.utils.files import write_atomically
 
 PARAMS_FILE = "clip_vision_params.msgpack"
 CONFIG_FILE = "clip_vision_config.json"
@@ -204,12 +205,8 @@ def save_clip_vision(directory: str, settings: CLIPVisionSettings, params: Any,
     os.makedirs(directory, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
     meta = {"settings": dataclasses.asdict(settings), "source": source}
-    for name, payload, mode in ((PARAMS_FILE, serialization.msgpack_serialize(params), "wb"),
-                                (CONFIG_FILE, json.dumps(meta, indent=1), "w")):
-        tmp = os.path.join(directory, name + ".tmp")
-        with open(tmp, mode) as f:
-            f.write(payload)
-        os.replace(tmp, os.path.join(directory, name))
+    write_atomically(os.path.join(directory, PARAMS_FILE), serialization.msgpack_serialize(params))
+    write_atomically(os.path.join(directory, CONFIG_FILE), json.dumps(meta, indent=1))
 
 
 def load_clip_vision(directory: str, dtype: Any = jnp.float32

@@ -25,18 +25,12 @@ from flax import serialization
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders.synthface_clip import image_tower_config, make_clip_model
 from unif2ace_jax.models.encoders.synthface_face import make_face_model, make_image_encoder
+from unif2ace_jax.utils.files import write_atomically
 
 PARAMS_FILE = "encoder_params.msgpack"
 CONFIG_FILE = "encoder_config.json"
 KINDS = ("face", "clip")
 IMAGE_PARAMS = {"face": "encoder", "clip": "image"}  # where the image encoder's params live
-
-
-def _write_atomic(path: str, payload, mode: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, mode) as f:
-        f.write(payload)
-    os.replace(tmp, path)
 
 
 def save_trained(workdir: str, kind: str, model_config: Mapping[str, Any], params: Any,
@@ -46,10 +40,9 @@ def save_trained(workdir: str, kind: str, model_config: Mapping[str, Any], param
         raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
     os.makedirs(workdir, exist_ok=True)
     params = jax.tree.map(np.asarray, params)
-    _write_atomic(os.path.join(workdir, PARAMS_FILE), serialization.msgpack_serialize(params),
-                  "wb")
+    write_atomically(os.path.join(workdir, PARAMS_FILE), serialization.msgpack_serialize(params))
     record = {"kind": kind, "model": dict(model_config), **meta}
-    _write_atomic(os.path.join(workdir, CONFIG_FILE), json.dumps(record, indent=1), "w")
+    write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(record, indent=1))
 
 
 def load_meta(workdir: str, kind: str | None = None) -> dict:

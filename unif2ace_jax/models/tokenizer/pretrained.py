@@ -27,6 +27,7 @@ from jax.experimental import multihost_utils
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer import make_tokenizer
 from unif2ace_jax.models.tokenizer.magvit2 import ImageTokenizer, images_to_model, model_to_images
+from unif2ace_jax.utils.files import write_atomically
 
 PARAMS_FILE = "tokenizer_params.msgpack"
 CONFIG_FILE = "tokenizer_config.json"
@@ -46,12 +47,8 @@ def save_tokenizer(workdir: str, config: ml_collections.ConfigDict, params: Any,
         return
     os.makedirs(workdir, exist_ok=True)
     meta = {"config": json.loads(config.to_json_best_effort()), "step": step}
-    for name, payload, mode in ((PARAMS_FILE, serialization.msgpack_serialize(params), "wb"),
-                                (CONFIG_FILE, json.dumps(meta, indent=1), "w")):
-        tmp = os.path.join(workdir, name + ".tmp")
-        with open(tmp, mode) as f:
-            f.write(payload)
-        os.replace(tmp, os.path.join(workdir, name))
+    write_atomically(os.path.join(workdir, PARAMS_FILE), serialization.msgpack_serialize(params))
+    write_atomically(os.path.join(workdir, CONFIG_FILE), json.dumps(meta, indent=1))
 
 
 def load_config(workdir: str) -> tuple[ml_collections.ConfigDict, int | None]:
