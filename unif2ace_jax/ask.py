@@ -3,7 +3,8 @@
     python -m unif2ace_jax.ask --workdir=DIR --image=face.png --question="What color is the hair?"
 
 The image is center-cropped and resized to the image tokenizer's resolution, encoded to codes,
-and the answer is decoded greedily with a KV cache. A model with a sequence-level MoE gets its
+and the answer is decoded greedily with a KV cache (for a ``convert.showo`` workdir: Show-o's
+``'USER: \\n' + question + ' ASSISTANT:'`` prompt and mask, greedy over the whole vocabulary). A model with a sequence-level MoE gets its
 image features (clip, face) computed on the fly by the frozen encoders the run names
 (`checkpoint.trained.feature_encoder_specs`). ``--question`` may be repeated (one answer
 line each). Bad input (missing workdir or checkpoint, unreadable image, empty question) prints

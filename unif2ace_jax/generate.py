@@ -6,7 +6,9 @@
 
 ``--prompt`` may be repeated: one grid row per prompt, ``--num`` faces each. Unset options come
 from the run's ``config.sampling``. Everything else (model, checkpoint, text and image
-tokenizers) is read from ``DIR`` (see `checkpoint.trained.load_trained`). Bad input prints one
+tokenizers) is read from ``DIR`` (see `checkpoint.trained.load_trained`). A workdir written by
+``convert.showo`` samples with Show-o's prompts, mask and MaskGIT schedule (its
+``config.sampling``); it needs an image tokenizer (``convert.showo --tokenizer_workdir``). Bad input prints one
 ``error:`` line and exits with status 2.
 """
 

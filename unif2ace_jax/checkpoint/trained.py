@@ -102,7 +102,7 @@ class Trained:
     def text_tokenizer(self):
         if self._text_tokenizer is None:
             path = self.info["text_tokenizer"]
-            if not os.path.isfile(path):
+            if not os.path.exists(path):  # a file (sentencepiece) or a directory (gpt2_bpe)
                 raise UserError(f"the text tokenizer this run used is gone: {path}")
             self._text_tokenizer = make_text_tokenizer(self.info.get("text_tokenizer_name",
                                                                      "sentencepiece"), path)

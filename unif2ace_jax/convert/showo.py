@@ -3,7 +3,7 @@
 Usage::
 
     python -m unif2ace_jax.convert.showo --checkpoint=DIR [--phi_config=DIR] \\
-        [--text_tokenizer=DIR] --out=OUT
+        [--text_tokenizer=DIR] [--tokenizer_workdir=TOK] [--max_seq_length=128] --out=OUT
 
 Two inputs are accepted:
 
@@ -48,6 +48,15 @@ model in memory), and saved as step 0 of an Orbax checkpoint in the trainer's la
 `checkpoint.trained.load_trained` (and `load_showo` here) read it. OUT is written under a
 temporary name and renamed when complete.
 
+The workdir's config makes `generate` and `ask` run Show-o's inference: ``sampling`` holds
+``prompt_format="showo"`` (Show-o's prompts and masks), MaskGIT with Show-o's schedule
+(``temperature_annealing="showo_compound"``, ``remask_rule="showo"``), 16 steps, guidance 1.75,
+and at most 100 answer tokens (``inference_*.py`` defaults); ``data.max_text_len`` is
+``--max_seq_length - 2``, so the T2I text part is Show-o's ``max_seq_length + 1`` ids wide.
+``--tokenizer_workdir`` names the image tokenizer (a workdir of `convert.magvit2`, e.g. Show-o's
+MAGVIT-v2), which must have the checkpoint's ``codebook_size`` codes and a ``sqrt(num_vq_tokens)``
+grid; without it the workdir names none (`generate` / `ask` then refuse).
+
 `load_showo` (from `convert.showo_parity`, re-exported here) is the parity API: logits for
 explicit ids and a boolean attention matrix with positions ``0 … L-1`` (Show-o's calling
 convention), and greedy text continuation with a KV cache (Show-o's ``mmu_generate``,
@@ -83,6 +92,8 @@ from unif2ace_jax.convert.showo_parity import ShowoModel, load_showo
 from unif2ace_jax.data.text_tokenizer import make_text_tokenizer
 from unif2ace_jax.errors import UserError, run_cli
 from unif2ace_jax.models import backbone as backbone_lib
+from unif2ace_jax.models.tokenizer import make_tokenizer
+from unif2ace_jax.models.tokenizer.pretrained import load_config as load_tokenizer_config
 from unif2ace_jax.models.unified import build_model
 from unif2ace_jax.models.vocab import PHI_ENDOFTEXT_ID, SHOWO_ADDED
 
@@ -93,6 +104,8 @@ PHI_WEIGHTS = "model.safetensors"
 SHOWO_PREFIX = "showo."
 PHI15_TEXT_SIZE = 50295  # Phi-1.5's tokenizer: 50257 BPE ids + 38 added whitespace tokens
 PROGRESS_EVERY = 50  # tensors per progress line
+SHOWO_MAX_SEQ_LENGTH = 128  # configs/showo_demo*.yaml
+SHOWO_MAX_NEW_TOKENS = 100  # inference_mmu.py
 
 
 @dataclasses.dataclass(frozen=True)
@@ -350,16 +363,24 @@ def stream_params(f: Any, source: Source, expected: dict[str, Target],
 # Writing the workdir
 
 
-def run_config(source: Source, text_tokenizer: str) -> ml_collections.ConfigDict:
-    """The workdir's config: the model, Show-o's optimizer settings, the BPE tokenizer."""
+def run_config(source: Source, text_tokenizer: str, tokenizer_workdir: str = "",
+               max_seq_length: int = SHOWO_MAX_SEQ_LENGTH) -> ml_collections.ConfigDict:
+    """The workdir's config: the model, Show-o's optimizer settings, the BPE tokenizer, and
+    Show-o's inference (prompts, sampler; see the module docstring)."""
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 1
-    config.tokenizer_workdir = ""
+    config.tokenizer_workdir = tokenizer_workdir
     config.model = model_config(source)
     config.optim = optim.full_config(dict(lr=1e-4, weight_decay=0.01))
-    config.data = ml_collections.ConfigDict(dict(tokenizer=dict(
-        name="gpt2_bpe", model_path=text_tokenizer, vocab_size=source.text_size)))
+    config.data = ml_collections.ConfigDict(dict(
+        tokenizer=dict(name="gpt2_bpe", model_path=text_tokenizer, vocab_size=source.text_size),
+        max_text_len=max_seq_length - 2))
+    config.sampling = ml_collections.ConfigDict(dict(
+        prompt_format="showo", sampler="maskgit", steps=16, guidance=1.75,
+        noise_temperature=1.0, sample_temperature=1.0, schedule="cosine",
+        temperature_annealing="showo_compound", remask_rule="showo",
+        max_answer_tokens=SHOWO_MAX_NEW_TOKENS))
     config.sharding = ml_collections.ConfigDict(dict(rules=()))
     config.convert = ml_collections.ConfigDict(dict(source=source.describe()))
     return config
@@ -394,9 +415,11 @@ def _numpy_saved_in_place() -> Iterator[None]:
         register(handlers.NumpyHandler())
 
 
-def write_workdir(out_dir: str, source: Source, params: dict, text_tokenizer: str) -> None:
+def write_workdir(out_dir: str, source: Source, params: dict, text_tokenizer: str,
+                  tokenizer_workdir: str = "",
+                  max_seq_length: int = SHOWO_MAX_SEQ_LENGTH) -> None:
     """``out_dir/run.json`` + ``out_dir/checkpoints`` (step 0) for `params` (nested numpy)."""
-    config = run_config(source, text_tokenizer)
+    config = run_config(source, text_tokenizer, tokenizer_workdir, max_seq_length)
     state = {"step": np.zeros((), np.int32), "params": params,
              "opt_state": _zero_opt_state(config, params)}
     with _numpy_saved_in_place():
@@ -405,7 +428,7 @@ def write_workdir(out_dir: str, source: Source, params: dict, text_tokenizer: st
         checkpointer.save(0, state, force=True)
         checkpointer.close()
     save_run_info(out_dir, config, text_tokenizer=text_tokenizer,
-                  text_tokenizer_name="gpt2_bpe", tokenizer_workdir="",
+                  text_tokenizer_name="gpt2_bpe", tokenizer_workdir=tokenizer_workdir,
                   text_vocab_size=source.text_size, num_image_codes=source.num_image_codes,
                   image_grid=source.image_grid, feature_shapes={}, feature_encoders={},
                   converted_from=source.kind)
@@ -421,8 +444,21 @@ def _text_size(text_tokenizer: str | None) -> int | None:
     return tok.vocab_size
 
 
+def _check_image_tokenizer(tokenizer_workdir: str, source: Source) -> None:
+    """The image tokenizer must make the checkpoint's codes: K codes on its grid."""
+    config, _ = load_tokenizer_config(tokenizer_workdir)
+    model = make_tokenizer(config.model)
+    grid = int(config.data.image_size) // model.downsample_factor
+    if (model.codebook_size, grid) != (source.num_image_codes, source.image_grid):
+        raise UserError(f"--tokenizer_workdir {tokenizer_workdir} makes {model.codebook_size} "
+                        f"codes on a {grid}x{grid} grid; the checkpoint needs "
+                        f"{source.num_image_codes} codes on {source.image_grid}x"
+                        f"{source.image_grid}")
+
+
 def convert_directory(checkpoint_dir: str, out_dir: str, *, phi_config: str | None = None,
-                      text_tokenizer: str | None = None,
+                      text_tokenizer: str | None = None, tokenizer_workdir: str | None = None,
+                      max_seq_length: int = SHOWO_MAX_SEQ_LENGTH,
                       progress_every: int = PROGRESS_EVERY) -> Source:
     """Converts `checkpoint_dir` into the workdir `out_dir` (which must not exist yet).
 
@@ -432,8 +468,13 @@ def convert_directory(checkpoint_dir: str, out_dir: str, *, phi_config: str | No
         raise UserError("--out is required")
     if os.path.exists(out_dir):
         raise UserError(f"--out already exists: {out_dir} (give a new directory)")
+    if max_seq_length < 3:
+        raise UserError(f"--max_seq_length must be >= 3, got {max_seq_length}")
     source = read_source(checkpoint_dir, phi_config, _text_size(text_tokenizer))
     tokenizer_path = os.path.abspath(text_tokenizer) if text_tokenizer else ""
+    image_tokenizer = os.path.abspath(tokenizer_workdir) if tokenizer_workdir else ""
+    if image_tokenizer:
+        _check_image_tokenizer(image_tokenizer, source)
     with _open_weights(source.weights) as f:
         source, expected = check_tensors(f, source)
         print(f"[convert] {source.describe()}; {len(expected)} tensors", flush=True)
@@ -443,7 +484,7 @@ def convert_directory(checkpoint_dir: str, out_dir: str, *, phi_config: str | No
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
     try:
-        write_workdir(tmp, source, params, tokenizer_path)
+        write_workdir(tmp, source, params, tokenizer_path, image_tokenizer, max_seq_length)
         umask = os.umask(0)
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)  # mkdtemp's 0o700 -> what makedirs would have given
@@ -459,7 +500,9 @@ def main(argv: list[str]) -> None:
     f = flags.FLAGS
     checkpoint, out = require("checkpoint"), require("out")
     source = convert_directory(checkpoint, out, phi_config=f.phi_config or None,
-                               text_tokenizer=f.text_tokenizer or None)
+                               text_tokenizer=f.text_tokenizer or None,
+                               tokenizer_workdir=f.tokenizer_workdir or None,
+                               max_seq_length=f.max_seq_length)
     print(f"converted {source.describe()} -> {out}")
 
 
@@ -470,5 +513,9 @@ if __name__ == "__main__":
                         "Show-o's llm_model_path beside the checkpoint")
     flags.DEFINE_string("text_tokenizer", "", "Phi-1.5's tokenizer directory (gpt2_bpe), "
                         "recorded in run.json")
+    flags.DEFINE_string("tokenizer_workdir", "", "image tokenizer workdir (convert.magvit2 of "
+                        "Show-o's MAGVIT-v2), recorded in run.json for generate / ask")
+    flags.DEFINE_integer("max_seq_length", SHOWO_MAX_SEQ_LENGTH, "Show-o's max_seq_length "
+                         "(T2I text part = max_seq_length + 1 ids)")
     flags.DEFINE_string("out", None, "workdir to write (must not exist)")
     run_cli(main)

@@ -32,8 +32,10 @@ from typing import Any, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from unif2ace_jax.errors import UserError
+from unif2ace_jax.models.masks import showo_mmu_attention_mask, showo_t2i_attention_mask
 from unif2ace_jax.models.vocab import TEXT_EOS_MARKER, Vocab
 
 TASK_T2I = 0
@@ -45,6 +47,7 @@ GROUP_GEN = 1
 
 GROUP_ASSIGNMENTS = ("task", "modality")
 POSITION_MODES = ("valid", "absolute")
+PROMPT_FORMATS = ("unif2ace", "showo")  # config.sampling.prompt_format
 
 
 def sequence_length(text_width: int, answer_width: int, num_image_tokens: int) -> int:
@@ -355,3 +358,92 @@ def build_mmu_prefix(image_codes: jax.Array, question: jax.Array, question_len: 
     task = jnp.full((b,), TASK_MMU, jnp.int32)
     return _finish(tokens, where, task, image_positions, group_assignment=group_assignment,
                    position_mode=position_mode)
+
+
+# ---------------------------------------------------------------------------------------------
+# Show-o's inference prompts (`prompt_format="showo"`, converted Show-o weights).
+
+def showo_t2i_rows(text_ids: Sequence[Sequence[int]], vocab: Vocab, *, max_text_len: int,
+                   num_image_tokens: int | None = None,
+                   image_codes: np.ndarray | None = None) -> np.ndarray:
+    """Show-o's T2I rows (``UniversalPrompting.t2i_gen_prompt``), on the host.
+
+    Each row is ``[PAD]… <|t2i|> <bos> text <eos> <|soi|> image <|eoi|>``: the text ids get
+    ``<bos>`` prepended unless they start with it (empty -> ``[<bos>]``); ``<|t2i|> ids <eos>``
+    is left-padded with ``[PAD]`` to `max_text_len` (Show-o's ``max_seq_length + 1``), or, when
+    longer, cut to ``max_text_len - 1`` and ``<eos>`` appended. The unconditional (CFG) row is
+    the one of the empty text.
+
+    Args:
+      text_ids: B id lists (no bos/eos; Phi's tokenizer adds none).
+      num_image_tokens: N; the image is all ``[MASK]`` unless ``image_codes [B, N]`` (codes in
+        ``[0, K]``, K = mask) is given.
+
+    Returns int32 ``[B, max_text_len + N + 2]``.
+    """
+    if image_codes is None:
+        if num_image_tokens is None:
+            raise UserError("showo_t2i_rows needs num_image_tokens or image_codes")
+        image_codes = np.full((len(text_ids), num_image_tokens), vocab.num_image_codes)
+    image_codes = np.asarray(image_codes, np.int64)
+    if image_codes.ndim != 2 or image_codes.shape[0] != len(text_ids):
+        raise UserError(f"image_codes must be [{len(text_ids)}, N], got {image_codes.shape}")
+    rows = []
+    for ids, codes in zip(text_ids, image_codes):
+        ids = [int(i) for i in ids]
+        if not ids or ids[0] != vocab.bos_id:
+            ids = [vocab.bos_id] + ids
+        text = [vocab.t2i_id] + ids + [vocab.eos_id]
+        if len(text) <= max_text_len:
+            text = [vocab.pad_id] * (max_text_len - len(text)) + text
+        else:
+            text = text[:max_text_len - 1] + [vocab.eos_id]
+        image = (codes + vocab.image_offset).tolist()
+        rows.append(text + [vocab.soi_id] + image + [vocab.eoi_id])
+    return np.asarray(rows, np.int32).reshape(len(rows), -1)
+
+
+def showo_mmu_rows(image_codes: np.ndarray, question_ids: Sequence[Sequence[int]],
+                   vocab: Vocab) -> np.ndarray:
+    """Show-o's MMU prompt (``inference_mmu.py``): ``<|mmu|> <|soi|> image <|eoi|> <bos>
+    question`` with no eos and no padding, on the host. `question_ids` are the ids of
+    ``'USER: \\n' + question + ' ASSISTANT:'``, all of one length (Show-o runs batch 1).
+
+    Args: image_codes ``[B, N]`` codes in ``[0, K)``. Returns int32 ``[B, N + 4 + Lq]``.
+    """
+    image_codes = np.asarray(image_codes, np.int64)
+    lengths = {len(q) for q in question_ids}
+    if image_codes.ndim != 2 or image_codes.shape[0] != len(question_ids) or len(lengths) > 1:
+        raise UserError("showo_mmu_rows needs [B, N] codes and B questions of one length")
+    rows = [[vocab.mmu_id, vocab.soi_id] + (codes + vocab.image_offset).tolist()
+            + [vocab.eoi_id, vocab.bos_id] + [int(i) for i in q]
+            for codes, q in zip(image_codes, question_ids)]
+    return np.asarray(rows, np.int32).reshape(len(rows), -1)
+
+
+def showo_prompt(tokens: jax.Array, vocab: Vocab, *, task: int, num_image_tokens: int,
+                 group_assignment: str = "task",
+                 position_mode: str = "absolute") -> dict[str, jax.Array]:
+    """The model's prompt dict for Show-o rows (`showo_t2i_rows` / `showo_mmu_rows`): the keys
+    of `build_t2i_prompt` plus ``attend [B, L, L]``, Show-o's mask for `task` (`TASK_T2I` or
+    `TASK_MMU`), which `UnifiedModel.forward` and `mmu_decode` use instead of the omni mask.
+    ``image_positions`` are the N places after ``<|soi|>``. Pure ``jnp`` (jit-able)."""
+    tokens = jnp.asarray(tokens, jnp.int32)
+    b, length = tokens.shape
+    idx = jnp.arange(length, dtype=jnp.int32)
+    soi = tokens == vocab.soi_id
+    eoi = tokens == vocab.eoi_id
+    start = jnp.argmax(soi, axis=1).astype(jnp.int32)[:, None] + 1
+    image_positions = start + jnp.arange(num_image_tokens, dtype=jnp.int32)[None, :]
+    where = {"pad": tokens == vocab.pad_id, "soi": soi, "eoi": eoi,
+             "image": (idx[None, :] >= start) & (idx[None, :] < start + num_image_tokens)}
+    out = _finish(tokens, where, jnp.full((b,), task, jnp.int32), image_positions,
+                  group_assignment=group_assignment, position_mode=position_mode)
+    if task == TASK_T2I:
+        out["attend"] = showo_t2i_attention_mask(tokens, pad_id=vocab.pad_id,
+                                                 soi_id=vocab.soi_id, eoi_id=vocab.eoi_id)
+    elif task == TASK_MMU:
+        out["attend"] = showo_mmu_attention_mask(tokens, eoi_id=vocab.eoi_id)
+    else:
+        raise UserError(f"showo_prompt: task {task} is neither T2I ({TASK_T2I}) nor MMU")
+    return out

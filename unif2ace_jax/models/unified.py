@@ -111,7 +111,8 @@ class UnifiedModel:
         Args:
           params: unboxed backbone params (the ``"params"`` collection).
           seqs: output of `sequences` / `build_t2i_prompt` / `build_mmu_prefix` (uses
-            ``tokens, is_pad, image_span, positions, group, valid`` ``[B, L]``).
+            ``tokens, is_pad, image_span, positions, group, valid`` ``[B, L]``), or of
+            `showo_prompt`, whose ``attend [B, L, L]`` replaces the omni-attention mask.
           features: per-sequence inputs of the seq-MoE slot (see `default_features`).
           dropout_rng: enables dropout (training) when given.
 
@@ -122,7 +123,10 @@ class UnifiedModel:
         seq_moe_balance``). With a seq-MoE, ``features["pool_mask"]`` defaults to
         `seq_routing.prompt_pool_mask` (the router never pools answer tokens).
         """
-        mask = omni_attention_mask(seqs["is_pad"], seqs["image_span"])
+        if "attend" in seqs:  # a prompt with its own mask (`sequences.showo_prompt`)
+            mask = seqs["attend"]
+        else:
+            mask = omni_attention_mask(seqs["is_pad"], seqs["image_span"])
         if self.backbone.seq_moe.get("name", "none") != "none" and not (
                 features and "pool_mask" in features):
             features = dict(features or {}, pool_mask=prompt_pool_mask(

@@ -64,7 +64,10 @@ def _decode(params, prefix, rng, features, *, model: Backbone, vocab: Vocab,
     s = p + max_new_tokens
     slots = jnp.arange(s, dtype=jnp.int32)
 
-    mask = omni_attention_mask(~valid, prefix["image_span"])
+    if "attend" in prefix:  # the prompt's own mask (`sequences.showo_prompt`)
+        mask = prefix["attend"]
+    else:
+        mask = omni_attention_mask(~valid, prefix["image_span"])
     mask = jnp.concatenate([mask, jnp.zeros((b, p, max_new_tokens), bool)], axis=2)
     # A seq-MoE router pools the prefix (the prompt) and none of the generated tokens, as the
     # training pass does (`seq_routing.prompt_pool_mask`); dense models ignore the features.
@@ -128,7 +131,8 @@ def mmu_decode(model: Backbone, params: Any, prefix: Mapping[str, jax.Array], *,
     Args:
       model: the backbone module; params: its variables (``{"params": ...}``).
       prefix: output of `build_mmu_prefix` (``tokens, valid, positions, group, image_span``
-        ``[B, P]``).
+        ``[B, P]``), and optionally ``attend [B, P, P]`` bool (`showo_prompt`), used instead of
+        the omni-attention mask.
       max_new_tokens: T, the most tokens generated per row (``<eos>`` included).
       rng: needed when ``temperature > 0``. temperature 0 = greedy; top_k 0 = no cut.
       restrict_to_text: only text ids and ``<eos>`` may be generated.
@@ -148,6 +152,7 @@ def mmu_decode(model: Backbone, params: Any, prefix: Mapping[str, jax.Array], *,
     if rng is None:
         rng = jax.random.key(0)
     keys = ("tokens", "valid", "positions", "group", "image_span")
+    keys += ("attend",) if "attend" in prefix else ()
     prefix = {k: jnp.asarray(prefix[k]) for k in keys}
     return _decode(params, prefix, rng, features, model=model, vocab=vocab,
                    max_new_tokens=int(max_new_tokens), temperature=float(temperature),

@@ -8,6 +8,11 @@ backbone pass producing logits over the K image codes.
 
 `generate_images` is the host wrapper used by the CLIs: text prompts -> token ids -> codes ->
 image-tokenizer decode -> uint8 images, in fixed-size chunks (one compilation).
+
+``config.sampling.prompt_format = "showo"`` (converted Show-o weights) lays the prompts out as
+Show-o does instead (`sequences.showo_t2i_rows`: its ``<bos>`` and truncation rules, text part
+``data.max_text_len + 3`` wide = Show-o's ``max_seq_length + 1``, the empty-text unconditional
+row, Show-o's attention mask), see `sample_codes_showo`.
 """
 
 from __future__ import annotations
@@ -23,10 +28,12 @@ import numpy as np
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders import ENCODERS
 from unif2ace_jax.models.moe.seq_moe import dummy_features, feature_keys
-from unif2ace_jax.models.sequences import TASK_T2I, build_t2i_prompt
+from unif2ace_jax.models.sequences import (PROMPT_FORMATS, TASK_T2I, build_t2i_prompt,
+                                          showo_prompt, showo_t2i_rows)
 from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.sampling import T2I_SAMPLERS
-from unif2ace_jax.sampling.guidance import paired_forward
+from unif2ace_jax.sampling.guidance import guided_logits, paired_forward
+from unif2ace_jax.sampling.maskgit import REMASK_RULES, TEMPERATURE_ANNEALINGS
 from unif2ace_jax.utils.defaults import with_defaults
 
 SAMPLERS = ("maskgit", "ancestral")
@@ -36,10 +43,14 @@ def default_config() -> ml_collections.ConfigDict:
     """Every field of ``config.sampling`` (the defaults of generate, evaluate and ask).
 
     ``max_answer_tokens``: most answer tokens of a VQA answer (0 = ``data.max_answer_len + 1``).
+    ``prompt_format``: ``unif2ace`` or ``showo`` (Show-o's T2I / MMU prompts and masks, for
+    converted Show-o weights). ``temperature_annealing`` / ``remask_rule``: MaskGIT options
+    (`sampling.maskgit`; ``showo_compound`` / ``showo`` are Show-o's ``t2i_generate``).
     """
     return ml_collections.ConfigDict(dict(
         sampler="maskgit", steps=16, guidance=1.75, noise_temperature=1.0,
-        sample_temperature=1.0, schedule="cosine", max_answer_tokens=0))
+        sample_temperature=1.0, schedule="cosine", max_answer_tokens=0,
+        prompt_format="unif2ace", temperature_annealing="linear", remask_rule="unif2ace"))
 
 
 def sampling_options(config: ml_collections.ConfigDict, *, sampler: str | None = None,
@@ -55,6 +66,11 @@ def sampling_options(config: ml_collections.ConfigDict, *, sampler: str | None =
     opts.noise_temperature = float(opts.noise_temperature)
     opts.sample_temperature = float(opts.sample_temperature)
     opts.max_answer_tokens = int(opts.max_answer_tokens or int(config.data.max_answer_len) + 1)
+    for key, known in (("prompt_format", PROMPT_FORMATS),
+                       ("temperature_annealing", TEMPERATURE_ANNEALINGS),
+                       ("remask_rule", REMASK_RULES)):
+        if opts[key] not in known:
+            raise UserError(f"unknown sampling.{key} {opts[key]!r}; known: {', '.join(known)}")
     return opts
 
 
@@ -62,12 +78,21 @@ def generate_kwargs(opts: ml_collections.ConfigDict) -> dict[str, Any]:
     """`generate_codes` keyword arguments from `sampling_options`."""
     return dict(sampler=opts.sampler, num_steps=opts.steps, guidance=opts.guidance,
                 noise_temperature=opts.noise_temperature,
-                sample_temperature=opts.sample_temperature, schedule=opts.schedule)
+                sample_temperature=opts.sample_temperature, schedule=opts.schedule,
+                temperature_annealing=opts.temperature_annealing,
+                remask_rule=opts.remask_rule)
 
 
-def _sampler_kwargs(sampler: str, noise_temperature: Any, sample_temperature: Any) -> dict:
+def _sampler_kwargs(sampler: str, noise_temperature: Any, sample_temperature: Any,
+                    temperature_annealing: str = "linear", remask_rule: str = "unif2ace") -> dict:
     if sampler == "maskgit":
-        return {"noise_temperature": noise_temperature, "sample_temperature": sample_temperature}
+        out = {"noise_temperature": noise_temperature, "sample_temperature": sample_temperature}
+        if (temperature_annealing, remask_rule) != ("linear", "unif2ace"):
+            out.update(temperature_annealing=temperature_annealing, remask_rule=remask_rule)
+        return out
+    if (temperature_annealing, remask_rule) != ("linear", "unif2ace"):
+        raise UserError(f"sampling.temperature_annealing / remask_rule are MaskGIT options; "
+                        f"the {sampler} sampler takes neither")
     return {"temperature": sample_temperature}
 
 
@@ -92,13 +117,42 @@ def absent_features(model: UnifiedModel, rows: int) -> dict[str, jax.Array]:
     return out
 
 
+def _t2i_logits_fn(model: UnifiedModel, params: Any, prompt, use_guidance: bool):
+    """The samplers' ``codes [B, N] -> logits`` (a cond/uncond pair with guidance) for a T2I
+    prompt dict of B rows, or 2B (conditional rows first) with guidance."""
+    rows = prompt["tokens"].shape[0]
+    # mask_ratio here is a placeholder: `code_logits_fn` replaces it at every step by the
+    # fraction of still-masked codes of each row (the noise level the noise expert sees).
+    features = default_features(jnp.full((rows,), TASK_T2I, jnp.int32),
+                                jnp.ones((rows,), jnp.float32), absent_features(model, rows))
+    logits_fn = model.code_logits_fn(params, prompt, features)
+    if use_guidance:
+        logits_fn = paired_forward(logits_fn)
+    return logits_fn
+
+
+def _run_sampler(model: UnifiedModel, params: Any, prompt, rng, b: int, guidance,
+                 noise_temperature, sample_temperature, *, sampler: str, num_steps: int,
+                 use_guidance: bool, schedule: str, temperature_annealing: str = "linear",
+                 remask_rule: str = "unif2ace"):
+    n, k = model.num_image_tokens, model.num_image_codes
+    logits_fn = _t2i_logits_fn(model, params, prompt, use_guidance)
+    init = jnp.full((b, n), k, jnp.int32)
+    return T2I_SAMPLERS.get(sampler)(
+        rng, logits_fn, init, mask_id=k, num_steps=num_steps, guidance=guidance,
+        schedule=schedule, **_sampler_kwargs(sampler, noise_temperature, sample_temperature,
+                                             temperature_annealing, remask_rule))
+
+
 @functools.partial(jax.jit, static_argnames=("model", "sampler", "num_steps", "text_width",
-                                             "use_guidance", "schedule"))
+                                             "use_guidance", "schedule",
+                                             "temperature_annealing", "remask_rule"))
 def _sample_codes(params, caption, caption_len, rng, guidance, noise_temperature,
                   sample_temperature, *, model: UnifiedModel, sampler: str, num_steps: int,
-                  text_width: int, use_guidance: bool, schedule: str):
+                  text_width: int, use_guidance: bool, schedule: str,
+                  temperature_annealing: str = "linear", remask_rule: str = "unif2ace"):
     b = caption.shape[0]
-    n, k = model.num_image_tokens, model.num_image_codes
+    n = model.num_image_tokens
     if use_guidance:
         caption2 = jnp.concatenate([caption, caption], axis=0)
         len2 = jnp.concatenate([caption_len, caption_len], axis=0)
@@ -109,25 +163,18 @@ def _sample_codes(params, caption, caption_len, rng, guidance, noise_temperature
                               text_width=text_width, drop_caption=drop,
                               group_assignment=model.group_assignment,
                               position_mode=model.position_mode)
-    rows = caption2.shape[0]
-    # mask_ratio here is a placeholder: `code_logits_fn` replaces it at every step by the
-    # fraction of still-masked codes of each row (the noise level the noise expert sees).
-    features = default_features(jnp.full((rows,), TASK_T2I, jnp.int32),
-                                jnp.ones((rows,), jnp.float32), absent_features(model, rows))
-    logits_fn = model.code_logits_fn(params, prompt, features)
-    if use_guidance:
-        logits_fn = paired_forward(logits_fn)
-    init = jnp.full((b, n), k, jnp.int32)
-    return T2I_SAMPLERS.get(sampler)(
-        rng, logits_fn, init, mask_id=k, num_steps=num_steps, guidance=guidance,
-        schedule=schedule, **_sampler_kwargs(sampler, noise_temperature, sample_temperature))
+    return _run_sampler(model, params, prompt, rng, b, guidance, noise_temperature,
+                        sample_temperature, sampler=sampler, num_steps=num_steps,
+                        use_guidance=use_guidance, schedule=schedule,
+                        temperature_annealing=temperature_annealing, remask_rule=remask_rule)
 
 
 def sample_codes(model: UnifiedModel, params: Any, caption: jax.Array, caption_len: jax.Array,
                  rng: jax.Array, *, sampler: str = "maskgit", num_steps: int = 16,
                  guidance: float = 1.75, noise_temperature: float = 1.0,
                  sample_temperature: float = 1.0, schedule: str = "cosine",
-                 text_width: int | None = None) -> jax.Array:
+                 text_width: int | None = None, temperature_annealing: str = "linear",
+                 remask_rule: str = "unif2ace") -> jax.Array:
     """Image codes for captions.
 
     Args:
@@ -139,6 +186,7 @@ def sample_codes(model: UnifiedModel, params: Any, caption: jax.Array, caption_l
         of the code draws (the ancestral sampler's only temperature).
       text_width: width of the prompt's left-padded text part (default: the training layout
         ``Lt + 3``; any width gives the same result with ``position_mode="valid"``).
+      temperature_annealing, remask_rule: MaskGIT options (`sampling.maskgit`).
 
     Returns ``codes [B, N]`` int32 in ``[0, K)``.
     """
@@ -154,7 +202,102 @@ def sample_codes(model: UnifiedModel, params: Any, caption: jax.Array, caption_l
                          jnp.float32(guidance), jnp.float32(noise_temperature),
                          jnp.float32(sample_temperature), model=model, sampler=sampler,
                          num_steps=int(num_steps), text_width=width,
-                         use_guidance=float(guidance) != 0.0, schedule=schedule)
+                         use_guidance=float(guidance) != 0.0, schedule=schedule,
+                         temperature_annealing=temperature_annealing, remask_rule=remask_rule)
+
+
+# ---------------------------------------------------------------------------------------------
+# Show-o's prompts (prompt_format="showo")
+
+
+def showo_t2i_tokens(tokenizer, prompts: Sequence[str], vocab, *, max_text_len: int,
+                     num_image_tokens: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(rows [B, L], uncond_row [L])``: Show-o's T2I rows of `prompts` (fully masked image)
+    and of the empty text (its CFG row), int32, ``L = max_text_len + N + 2``."""
+    ids = [tokenizer.encode(p) for p in prompts]
+    rows = showo_t2i_rows(ids, vocab, max_text_len=max_text_len,
+                          num_image_tokens=num_image_tokens)
+    uncond = showo_t2i_rows([[]], vocab, max_text_len=max_text_len,
+                            num_image_tokens=num_image_tokens)[0]
+    return rows, uncond
+
+
+def _showo_prompt(model: UnifiedModel, rows, uncond_row, use_guidance: bool):
+    if use_guidance:
+        rows = jnp.concatenate([rows, jnp.broadcast_to(uncond_row, rows.shape)], axis=0)
+    return showo_prompt(rows, model.vocab, task=TASK_T2I, num_image_tokens=model.num_image_tokens,
+                        group_assignment=model.group_assignment,
+                        position_mode=model.position_mode)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "use_guidance"))
+def showo_step_logits(params, rows, uncond_row, codes, guidance, *, model: UnifiedModel,
+                      use_guidance: bool) -> jax.Array:
+    """The guided logits ``[B, N, K]`` float32 a sampler step of `sample_codes_showo` sees for
+    the canvas ``codes [B, N]`` (K = mask): ``(1+w) cond - w uncond`` with guidance."""
+    prompt = _showo_prompt(model, rows, uncond_row, use_guidance)
+    return guided_logits(_t2i_logits_fn(model, params, prompt, use_guidance)(codes), guidance)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "sampler", "num_steps", "use_guidance",
+                                             "schedule", "temperature_annealing",
+                                             "remask_rule"))
+def _sample_codes_showo(params, rows, uncond_row, rng, guidance, noise_temperature,
+                        sample_temperature, *, model, sampler, num_steps, use_guidance,
+                        schedule, temperature_annealing, remask_rule):
+    prompt = _showo_prompt(model, rows, uncond_row, use_guidance)
+    return _run_sampler(model, params, prompt, rng, rows.shape[0], guidance, noise_temperature,
+                        sample_temperature, sampler=sampler, num_steps=num_steps,
+                        use_guidance=use_guidance, schedule=schedule,
+                        temperature_annealing=temperature_annealing, remask_rule=remask_rule)
+
+
+def sample_codes_showo(model: UnifiedModel, params: Any, rows: np.ndarray,
+                       uncond_row: np.ndarray, rng: jax.Array, *, sampler: str = "maskgit",
+                       num_steps: int = 16, guidance: float = 1.75,
+                       noise_temperature: float = 1.0, sample_temperature: float = 1.0,
+                       schedule: str = "cosine", temperature_annealing: str = "showo_compound",
+                       remask_rule: str = "showo") -> jax.Array:
+    """Image codes ``[B, N]`` for Show-o T2I rows (`showo_t2i_tokens`), as ``t2i_generate``:
+    the cond rows and B copies of the unconditional row in one pass, guidance
+    ``(1+w) cond - w uncond``, Show-o's mask; the sampler options as in `sample_codes`."""
+    if sampler not in SAMPLERS:
+        raise UserError(f"unknown sampler {sampler!r}; known: {', '.join(SAMPLERS)}")
+    if num_steps < 1:
+        raise UserError(f"steps must be >= 1, got {num_steps}")
+    return _sample_codes_showo(
+        params, jnp.asarray(rows, jnp.int32), jnp.asarray(uncond_row, jnp.int32), rng,
+        jnp.float32(guidance), jnp.float32(noise_temperature), jnp.float32(sample_temperature),
+        model=model, sampler=sampler, num_steps=int(num_steps),
+        use_guidance=float(guidance) != 0.0, schedule=schedule,
+        temperature_annealing=temperature_annealing, remask_rule=remask_rule)
+
+
+def _generate_showo(trained, texts: Sequence[str], opts, *, seed: int, chunk: int) -> np.ndarray:
+    """`generate_codes` for ``prompt_format="showo"``: chunk c uses ``fold_in(key(seed), c)``."""
+    model = trained.model
+    rows, uncond = showo_t2i_tokens(trained.text_tokenizer, texts, model.vocab,
+                                    max_text_len=showo_max_text_len(trained.config),
+                                    num_image_tokens=model.num_image_tokens)
+    kwargs = generate_kwargs(opts)
+    total = rows.shape[0]
+    chunk = max(1, min(chunk, total))
+    out = []
+    for c, start in enumerate(range(0, total, chunk)):
+        part = rows[start:start + chunk]
+        n = part.shape[0]
+        if n < chunk:
+            part = np.concatenate([part, np.broadcast_to(uncond, (chunk - n, uncond.shape[0]))])
+        rng = jax.random.fold_in(jax.random.key(seed), c)
+        out.append(np.asarray(sample_codes_showo(model, trained.params, part, uncond, rng,
+                                                 **kwargs))[:n])
+    return np.concatenate(out)
+
+
+def showo_max_text_len(config: ml_collections.ConfigDict) -> int:
+    """Show-o's ``max_text_len`` (``max_seq_length + 1``): the text part of a T2I row,
+    ``data.max_text_len + 3`` as for the project's own prompts."""
+    return int(config.data.max_text_len) + 3
 
 
 def encode_texts(tokenizer, texts: Sequence[str], width: int) -> tuple[np.ndarray, np.ndarray]:
@@ -212,8 +355,11 @@ def generate_images(trained, prompts: Sequence[str], *, num_per_prompt: int = 1,
     opts = sampling_options(trained.config, sampler=sampler, steps=steps, guidance=guidance)
     width = int(trained.config.data.max_text_len)
     texts = [p for p in prompts for _ in range(num_per_prompt)]
-    ids, lens = encode_texts(trained.text_tokenizer, texts, width)
     image_tokenizer = trained.image_tokenizer  # fail early when there is none
+    if opts.prompt_format == "showo":
+        codes = _generate_showo(trained, texts, opts, seed=seed, chunk=chunk)
+        return codes_to_images(image_tokenizer, codes, trained.model.image_grid)
+    ids, lens = encode_texts(trained.text_tokenizer, texts, width)
     codes = generate_codes(
         trained.model, trained.params, ids, lens, seed=seed, chunk=chunk,
         **generate_kwargs(opts))

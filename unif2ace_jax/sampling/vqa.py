@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.models.sequences import TASK_MMU, build_mmu_prefix
+from unif2ace_jax.models.sequences import (TASK_MMU, build_mmu_prefix, showo_mmu_rows,
+                                          showo_prompt)
 from unif2ace_jax.models.unified import UnifiedModel, default_features
 from unif2ace_jax.sampling.mmu import mmu_decode
 from unif2ace_jax.sampling.t2i import encode_texts, sampling_options
@@ -81,6 +82,33 @@ def answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray, questi
     return out
 
 
+def showo_question(question: str) -> str:
+    """Show-o's MMU question template (``inference_mmu.py``)."""
+    return "USER: \n" + question + " ASSISTANT:"
+
+
+def showo_answer_ids(model: UnifiedModel, params: Any, image_codes: np.ndarray,
+                     question_ids: Sequence[Sequence[int]], *,
+                     max_new_tokens: int = 100) -> list[list[int]]:
+    """Show-o's ``mmu_generate`` with ``top_k=1``: per image, the unpadded prompt
+    `showo_mmu_rows` (batch 1, as Show-o runs it) with Show-o's MMU mask, greedy over the whole
+    vocabulary, stopping at ``<eos>`` (left out of the answer). KV-cache decoding."""
+    out = []
+    for codes, ids in zip(np.asarray(image_codes, np.int32), question_ids):
+        rows = showo_mmu_rows(codes[None], [list(ids)], model.vocab)
+        prefix = showo_prompt(rows, model.vocab, task=TASK_MMU,
+                              num_image_tokens=model.num_image_tokens,
+                              group_assignment=model.group_assignment,
+                              position_mode=model.position_mode)
+        feats = default_features(jnp.full((1,), TASK_MMU, jnp.int32), jnp.zeros((1,), jnp.float32))
+        result = mmu_decode(model.backbone, {"params": params}, prefix, vocab=model.vocab,
+                            max_new_tokens=int(max_new_tokens), restrict_to_text=False,
+                            features=feats)
+        length = int(np.asarray(result["length"])[0])
+        out.append(np.asarray(result["tokens"])[0, :length].tolist())
+    return out
+
+
 def _pad_rows(x: np.ndarray, rows: int) -> np.ndarray:
     """`x` with zero (False) rows appended up to `rows`."""
     return np.concatenate([x, np.zeros((rows - x.shape[0],) + x.shape[1:], x.dtype)])
@@ -94,9 +122,17 @@ def answer_questions(trained, image_codes: np.ndarray, questions: Sequence[str],
     if len(questions) != len(image_codes):
         raise UserError(f"{len(image_codes)} images but {len(questions)} questions")
     tok = trained.text_tokenizer
+    opts = sampling_options(trained.config, max_answer_tokens=max_new_tokens)
+    max_new_tokens = opts.max_answer_tokens
+    if opts.prompt_format == "showo":
+        ids = [tok.encode(showo_question(q)) for q in questions]
+        answers = showo_answer_ids(trained.model, trained.params, image_codes, ids,
+                                   max_new_tokens=max_new_tokens)
+        # Show-o decodes with skip_special_tokens; image and Show-o ids are no text.
+        text_size = trained.model.vocab.text_size
+        return [tok.decode([i for i in a if i < text_size], skip_special_tokens=True)
+                for a in answers]
     ids, lens = encode_texts(tok, questions, int(trained.config.data.max_text_len))
-    max_new_tokens = sampling_options(trained.config,
-                                      max_answer_tokens=max_new_tokens).max_answer_tokens
     answers = answer_ids(trained.model, trained.params, image_codes, ids, lens,
                          max_new_tokens=max_new_tokens, chunk=chunk, features=features)
     return [tok.decode(a) for a in answers]
