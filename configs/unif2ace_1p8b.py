@@ -34,6 +34,22 @@ total by 4096 parameters per id (embedding + lm head).
 Optimizer after Show-o's fine-tuning (docs/DESIGN.md §12): AdamW (0.9, 0.999), wd 0.01, lr 5e-5 with
 1k warm-up and cosine decay. `tiny`: the same layout at CPU size (a smoke run needs a prepared
 dataset like every training run).
+
+`from_showo` (combinable with `tiny`: ``:tiny,from_showo``) starts from Show-o's weights::
+
+    python -m unif2ace_jax.convert.showo --checkpoint=SHOWO_DIR --out=OUT
+    python -m unif2ace_jax.train --config=configs/unif2ace_1p8b.py:from_showo --workdir=DIR \
+        --config.init_from=OUT --config.data.tokenizer.model_path=PHI15_TOKENIZER_DIR ...
+
+Show-o's vocabulary layout (``vocab_layout="showo"``: Phi-1.5's 50,295 text ids, Show-o's ten
+added tokens, the 8192 codes, ``[MASK]``), QK-LayerNorm and absolute positions, Phi-1.5's BPE
+text tokenizer (``gpt2_bpe``). A new run copies the converted model's embeddings, attention,
+norms and lm head, and upcycles each layer's dense 8192-unit FFN into the token-MoE
+(``init.ffn_upcycling="split"``: shared expert = hidden units [0, 1536), routed expert i =
+the next 512-unit slices, up to unit 5632; the last 2560 units are dropped); the routers and
+the seq-MoE start fresh (`checkpoint/init_from.py`). ``init_from`` is required (a new run
+without it stops with an error). In `tiny,from_showo` the geometry is the tiny Show-o test
+fixture's (8192 codes, 4x4 grid, FFN 64 + 8 x 24 = its 256 units, so `split` covers it exactly).
 """
 
 import ml_collections
@@ -53,10 +69,16 @@ def _feature_expert(**fields) -> dict:
         fields, resampler_hidden=256)).to_dict()
 
 
+VARIANTS = ("tiny", "from_showo")
+
+
 def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
-    tiny = arg == "tiny"
-    if arg not in (None, "", "tiny"):
-        raise ValueError(f"unknown variant {arg!r} for unif2ace_1p8b; use '' or 'tiny'")
+    variants = [v for v in (arg or "").split(",") if v]
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown or len(set(variants)) != len(variants):
+        raise ValueError(f"unknown variant {arg!r} for unif2ace_1p8b; use a comma-separated "
+                         f"subset of {', '.join(VARIANTS)} (or nothing)")
+    tiny, from_showo = "tiny" in variants, "from_showo" in variants
     config = ml_collections.ConfigDict()
     config.seed = 0
     config.total_steps = 50_000
@@ -131,4 +153,18 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
         config.optim.warmup_steps = 1
         config.sampling.steps = 4
         config.sampling.max_answer_tokens = 8
+    if from_showo:
+        _from_showo(config, tiny)
     return config
+
+
+def _from_showo(config: ml_collections.ConfigDict, tiny: bool) -> None:
+    """Show-o's token layout and text tokenizer; params from a converted Show-o, the token-MoE
+    experts split from its dense FFN."""
+    config.model.update(dict(vocab_layout="showo", qk_layernorm=True, position_mode="absolute"))
+    config.data.tokenizer = dict(name="gpt2_bpe", model_path="runs/data/phi-1_5", vocab_size=0)
+    config.init_from = ""  # --config.init_from=OUT of python -m unif2ace_jax.convert.showo
+    config.init = ml_collections.ConfigDict(dict(ffn_upcycling="split", from_required=True))
+    if tiny:  # the geometry of the tiny Show-o test fixture (FFN 256 = 64 + 8 x 24)
+        config.model.update(dict(num_image_codes=8192, image_grid=4))
+        config.model.ffn.update(dict(shared_hidden=64, routed_hidden=24))

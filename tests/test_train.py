@@ -63,6 +63,26 @@ def test_restart_continues_exactly(tmp_path):
     assert run["config"]["model"]["d_model"] == config.model.d_model
 
 
+@pytest.mark.slow
+def test_init_from_another_run_at_a_new_start_only(tmp_path, capsys):
+    source = unified_env.trained_run()
+    config = unified_env.tiny_config(total_steps=2, ckpt_every=1, log_every=1)
+    config.init_from = source
+    workdir = str(tmp_path / "run")
+    train(config, workdir, stop_after=1)
+    out = capsys.readouterr().out
+    assert f"[train] params from {source}: " in out and " 0 fresh; 0 source params unused" in out
+    # One AdamW step from the source's params moves each by at most about lr (and decay).
+    lr = read_metrics(workdir)[0]["lr"]
+    for x, y in zip(jax.tree.leaves(_final_params(workdir)), jax.tree.leaves(
+            _final_params(source))):
+        np.testing.assert_allclose(x, y, rtol=0, atol=1.5 * lr + 1e-6)
+    config.init_from = str(tmp_path / "absent")  # a resumed run restores its own checkpoint
+    train(config, workdir)
+    assert "params from" not in capsys.readouterr().out
+    assert [r["step"] for r in read_metrics(workdir)] == [1, 2]
+
+
 def _cli(*args):
     return unified_env.run_module("unif2ace_jax.train", *args)
 

@@ -228,11 +228,13 @@ def model_from_info(info: Mapping[str, Any]) -> UnifiedModel:
 
 
 def load_trained(workdir: str, *, step: int | None = None,
-                 mesh_config: Mapping[str, int] | None = None) -> Trained:
+                 mesh_config: Mapping[str, int] | None = None, mesh: Mesh | None = None
+                 ) -> Trained:
     """Rebuilds the model of a training workdir and restores its parameters (newest step).
 
-    The parameters are laid out on `mesh_config` (default: all devices on ``fsdp``) with the
-    run's sharding rules. UserError when the workdir, its run file or a checkpoint is missing.
+    The parameters are laid out on `mesh` (else one made from `mesh_config`, default: all
+    devices on ``fsdp``) with the run's sharding rules. UserError when the workdir, its run
+    file or a checkpoint is missing.
     """
     info = load_run_info(workdir)
     config = info["config"]
@@ -245,7 +247,7 @@ def load_trained(workdir: str, *, step: int | None = None,
         raise UserError(f"no checkpoint in {ckpt_dir} (training has not saved one yet)")
     model = model_from_info(info)
     tx, _ = make_optimizer(config.optim, int(config.total_steps))
-    mesh = make_mesh(mesh_config or {"fsdp": -1})
+    mesh = mesh if mesh is not None else make_mesh(mesh_config or {"fsdp": -1})
     rules = rules_lib.get_rules(tuple(config.get("sharding", {}).get("rules", ())))
     abstract, shardings = state_shardings(model, tx, mesh, rules, _saved_features(info))
     try:

@@ -183,11 +183,14 @@ class Hooks:
     """A trainer's extras around the loop; every one optional.
 
     inputs(host batch) -> what the step takes (laid out by the batch shardings);
-    on_start(first_step, state) once the state is restored; on_saved(step, state) after each
-    checkpoint; after_step(step, state) at the end of every step.
+    new_run(state) -> state: on a new run only (no checkpoint to resume), replaces the initial
+    state (e.g. params initialised from another run); on_start(first_step, state) once the
+    state is restored; on_saved(step, state) after each checkpoint; after_step(step, state) at
+    the end of every step.
     """
 
     inputs: Callable[[Any], Any] | None = None
+    new_run: Callable[[Any], Any] | None = None
     on_start: Callable[[int, Any], None] | None = None
     on_saved: Callable[[int, Any], None] | None = None
     after_step: Callable[[int, Any], None] | None = None
@@ -230,6 +233,8 @@ def fit(name: str, workdir: str, *, state: Any, state_shardings: Any,
     checkpointer = Checkpointer(os.path.join(workdir, CHECKPOINT_DIR),
                                 max_to_keep=int(keep_checkpoints),
                                 save_interval_steps=int(checkpoint_every))
+    if checkpointer.latest_step() is None and hooks.new_run is not None:
+        state = hooks.new_run(state)
     state, first_step = resume(name, workdir, checkpointer, state, state_shardings, iterator)
     if hooks.on_start is not None:
         hooks.on_start(first_step, state)

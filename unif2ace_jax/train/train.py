@@ -17,6 +17,11 @@ Config fields read here (see configs/synthface_tiny.py for a full example):
   (h = w of the code grid; 0 = take both from the image tokenizer), ``vocab_pad_to_multiple``,
   ``group_assignment``, ``position_mode``
 * ``data`` (`data/pipeline.py`; ``image_field`` must give ``image_codes``)
+* ``init_from`` (default none): a unified-model workdir (e.g. a Show-o converted by
+  `convert.showo`) whose params a NEW run starts from (a resumed run restores its own
+  checkpoint); ``init.ffn_upcycling`` ("split" | "copy" | "random") turns its dense FFN into
+  token-MoE experts (`checkpoint/init_from.py`); ``init.from_required``: refuse to start
+  without ``init_from``
 * ``tokenizer_workdir``: the trained image tokenizer whose codes the data holds (read by
   `generate` / `evaluate` to turn codes into images); may be empty for code-only runs
 * ``sampling``: defaults of `generate` / `evaluate` (sampler, steps, guidance, temperatures)
@@ -43,6 +48,7 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from unif2ace_jax.checkpoint import init_from as init_from_lib
 from unif2ace_jax.checkpoint import state as state_lib
 from unif2ace_jax.checkpoint import trained as trained_lib
 from unif2ace_jax.data.pipeline import load_tokenizer, make_train_iterator
@@ -176,7 +182,8 @@ def _feature_shapes(features: dict[str, Any]) -> dict:
 def default_config() -> dict:
     """The trainer's defaults for the fields a config may leave out (`fill_missing`)."""
     return {**loop.LAYOUT_DEFAULTS, "keep_checkpoints": 2, "tokenizer_workdir": "",
-            "data": {"extra_fields": ()}}
+            "data": {"extra_fields": ()}, "init_from": "",
+            "init": {"ffn_upcycling": "split", "from_required": False}}
 
 
 def train(config: ml_collections.ConfigDict, workdir: str, *,
@@ -226,6 +233,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     # ======================================================================= loop
     seq_len = sequence_length(first["text"].shape[1], first["answer"].shape[1], grid * grid)
 
+    def new_run(state: dict) -> dict:
+        return _init_from(config, model, state, state_shardings)
+
     def on_start(first_step: int, state: dict) -> None:
         del first_step
         _save_run_info(workdir, config, text_tokenizer, k, grid, init_features)
@@ -243,12 +253,30 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
         checkpoint_every=int(config.ckpt_every), keep_checkpoints=int(config.keep_checkpoints),
         logging=loop.Logging(every=int(config.log_every), items_name="tokens", average=True,
                              keep_last=("lr",), line=line),
-        hooks=loop.Hooks(inputs=lambda host: model_inputs(host, extra_fields), on_start=on_start),
+        hooks=loop.Hooks(inputs=lambda host: model_inputs(host, extra_fields), new_run=new_run,
+                         on_start=on_start),
         stop_after=stop_after)
     print(f"[train] trained {run.step - run.first_step} steps in "
           f"{format_duration(run.train_seconds)}; checkpoints in "
           f"{os.path.join(workdir, loop.CHECKPOINT_DIR)}", flush=True)
     return run.record
+
+
+def _init_from(config: ml_collections.ConfigDict, model: UnifiedModel, state: dict,
+               state_shardings: Any) -> dict:
+    """A new run's state with its params initialised from ``config.init_from`` (a unified-model
+    workdir, e.g. a converted Show-o; `checkpoint.init_from`), or `state` when none is given."""
+    source = config.init_from or ""
+    if not source:
+        if config.init.from_required:
+            raise UserError("this config starts from a converted Show-o: pass "
+                            "--config.init_from=DIR (python -m unif2ace_jax.convert.showo)")
+        return state
+    params, report = init_from_lib.init_params_from_workdir(
+        source, model, state["params"], state_shardings["params"],
+        str(config.init.ffn_upcycling))
+    print(f"[train] params from {source}: {report.summary()}", flush=True)
+    return {**state, "params": params}
 
 
 def _save_run_info(workdir: str, config: ml_collections.ConfigDict, text_tokenizer: Any, k: int,
