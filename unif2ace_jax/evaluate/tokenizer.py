@@ -42,7 +42,7 @@ def make_reconstruct_fn(model: ImageTokenizer):
 
     def fn(params, images_u8):
         out = model.apply({"params": params}, images_to_model(images_u8))
-        return out["indices"], model_to_images(out["recon"])
+        return out["indices"], model_to_images(out["recon"], model.pixel_rounding)
 
     return jax.jit(fn)
 
