@@ -31,12 +31,8 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.model = judge.default_config()
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.lr = 2e-3
-    config.optim.warmup_steps = 100
-    config.optim.end_lr_factor = 0.02
-    config.optim.weight_decay = 0.01
-    config.optim.grad_clip = 1.0
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=2e-3, warmup_steps=100, end_lr_factor=0.02, weight_decay=0.01, grad_clip=1.0))
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 500

@@ -46,23 +46,12 @@ def get_config(arg: str | None = None) -> ml_collections.ConfigDict:
 
     config.discriminator = discriminator.full_config(dict(ch=32, num_layers=2, num_groups=8))
 
-    config.optim = ml_collections.ConfigDict()
-    config.optim.lr = 1e-3
-    config.optim.warmup_steps = 100
-    config.optim.end_lr_factor = 0.05
-    config.optim.b1 = 0.9
-    config.optim.b2 = 0.99
-    config.optim.weight_decay = 0.0
-    config.optim.grad_clip = 1.0
-
-    config.disc_optim = ml_collections.ConfigDict()
-    config.disc_optim.lr = 2e-4
-    config.disc_optim.warmup_steps = 0
-    config.disc_optim.end_lr_factor = 1.0
-    config.disc_optim.b1 = 0.5
-    config.disc_optim.b2 = 0.9
-    config.disc_optim.weight_decay = 0.0
-    config.disc_optim.grad_clip = 1.0
+    config.optim = ml_collections.ConfigDict(dict(
+        lr=1e-3, warmup_steps=100, end_lr_factor=0.05, b1=0.9, b2=0.99, weight_decay=0.0,
+        grad_clip=1.0))
+    config.disc_optim = ml_collections.ConfigDict(dict(
+        lr=2e-4, warmup_steps=0, end_lr_factor=1.0, b1=0.5, b2=0.9, weight_decay=0.0,
+        grad_clip=1.0))
 
     config.train = ml_collections.ConfigDict()
     config.train.steps = 2000

@@ -21,17 +21,16 @@ from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer.magvit2 import images_to_model, model_to_images
 from unif2ace_jax.models.tokenizer.pretrained import CONFIG_FILE, PARAMS_FILE, load_tokenizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("UNIF2ACE_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
-FIXTURE = os.path.join(SHARED, "fixtures", "showo", "magvit2")
+import showo_fixtures
+
+ROOT = showo_fixtures.ROOT
+FIXTURE = showo_fixtures.path("magvit2")
 CLEAR = 1e-3  # codes are compared where every latent channel is at least this far from 0
 
 
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.isdir(FIXTURE):
-        pytest.skip(f"Show-o golden fixture folder {FIXTURE} is absent (set UNIF2ACE_SHARED)")
-    return dict(np.load(os.path.join(FIXTURE, "golden.npz")))
+    return showo_fixtures.golden("magvit2")
 
 
 @pytest.fixture(scope="module")

@@ -20,9 +20,10 @@ from unif2ace_jax.checkpoint.trained import load_trained
 from unif2ace_jax.convert import showo as conv
 from unif2ace_jax.errors import UserError
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("UNIF2ACE_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
-FIXTURE = os.path.join(SHARED, "fixtures", "showo", "showo")
+import showo_fixtures
+
+ROOT = showo_fixtures.ROOT
+FIXTURE = showo_fixtures.path("showo")
 RTOL = 1e-4  # max |ours - Show-o| / max |Show-o|
 N_IMAGE = 16  # num_vq_tokens of the fixture
 CODE0 = 50305  # Show-o id of image code 0
@@ -35,9 +36,7 @@ def _rel(ours, ref) -> float:
 
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.isdir(FIXTURE):
-        pytest.skip(f"Show-o golden fixture folder {FIXTURE} is absent (set UNIF2ACE_SHARED)")
-    return dict(np.load(os.path.join(FIXTURE, "golden.npz")))
+    return showo_fixtures.golden("showo")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ workdir path uses the tiny Show-o golden fixture (``shared/fixtures/showo/showo`
 ``UNIF2ACE_SHARED`` to the folder holding ``fixtures/``) converted by `convert.showo`.
 """
 
-import os
 
 import flax.linen as nn
 import jax
@@ -28,11 +27,10 @@ from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.parallel.mesh import make_mesh
 
+import showo_fixtures
 import unified_env
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("UNIF2ACE_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
-FIXTURE = os.path.join(SHARED, "fixtures", "showo", "showo")
+FIXTURE = showo_fixtures.path("showo")
 D, E, SHARED_H, ROUTED_H = 16, 4, 12, 5
 DENSE_H = SHARED_H + E * ROUTED_H  # 32
 
@@ -164,8 +162,7 @@ def test_unmapped_shape_or_rule_is_one_line(source, rules, words):
 
 @pytest.fixture(scope="module")
 def showo_workdir(tmp_path_factory):
-    if not os.path.isdir(FIXTURE):
-        pytest.skip(f"Show-o golden fixture folder {FIXTURE} is absent (set UNIF2ACE_SHARED)")
+    showo_fixtures.require(FIXTURE)
     out = str(tmp_path_factory.mktemp("showo") / "run")
     conv.convert_directory(FIXTURE, out)
     return out

@@ -64,6 +64,19 @@ def _take(it, n):
     return [next(it) for _ in range(n)]
 
 
+def _one_task_run(env, task: str, num_batches: int, **overrides):
+    """(tokenizer, train source, config, first `num_batches` training batches) of a run whose
+    mixture is `task` alone."""
+    _, model, src = env
+    tok = SentencePieceTokenizer(model)
+    config = _config(env, **overrides)
+    config.data.mixture = {task: 1.0}
+    source = src.as_data_source("train")
+    batches = _take(pipeline.make_train_iterator(config, process_index=0, process_count=1),
+                    num_batches)
+    return tok, source, config, batches
+
+
 def _same(a, b):
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
@@ -140,13 +153,10 @@ def test_caption_sentences():
 
 
 def test_short_t2i_captions_in_training_only(env):
-    _, model, src = env
-    tok = SentencePieceTokenizer(model)
-    config = _config(env, t2i_short_caption_prob=0.5, max_text_len=400)
-    config.data.mixture = {"t2i": 1.0}
-    source = src.as_data_source("train")
+    tok, source, config, batches = _one_task_run(env, "t2i", 10, t2i_short_caption_prob=0.5,
+                                                 max_text_len=400)
     kept, whole = [], 0
-    for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 10):
+    for batch in batches:
         for b in range(4):
             caption = records.as_str(source[int(batch["index"][b])]["caption"])
             sentences = elements.caption_sentences(caption)
@@ -171,13 +181,10 @@ def test_short_t2i_captions_in_training_only(env):
 
 
 def test_packed_qa_rows(env):
-    _, model, src = env
-    tok = SentencePieceTokenizer(model)
-    config = _config(env, mmu_questions_per_row=3, max_text_len=40)
-    config.data.mixture = {"mmu": 1.0}
-    source = src.as_data_source("train")
+    tok, source, _, batches = _one_task_run(env, "mmu", 6, mmu_questions_per_row=3,
+                                            max_text_len=40)
     counts = []
-    for batch in _take(pipeline.make_train_iterator(config, process_index=0, process_count=1), 6):
+    for batch in batches:
         for b in range(4):
             rows = records.qa_rows(source[int(batch["index"][b])]["qa"])
             n = int(batch["text_len"][b])

@@ -27,12 +27,13 @@ from unif2ace_jax.sampling.t2i import showo_max_text_len, showo_step_logits, sho
 from unif2ace_jax.sampling.vqa import showo_answer_ids
 from unif2ace_jax.utils.image_grid import make_image_grid
 
+import showo_fixtures
+
 tokenizers = pytest.importorskip("tokenizers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("UNIF2ACE_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
-FIXTURES = os.path.join(SHARED, "fixtures", "showo")
+ROOT = showo_fixtures.ROOT
+FIXTURES = showo_fixtures.SHOWO
 EOT, TEXT_SIZE, N, K = 50256, 50295, 16, 8192
 MAX_SEQ_LENGTH = 12  # the fixture's: text part 13 ids wide
 PROMPT = "a woman with red hair"
@@ -94,8 +95,7 @@ def _magvit2_13_bits(path: str) -> str:
 
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
-    if not os.path.isdir(FIXTURES):
-        pytest.skip(f"Show-o fixtures {FIXTURES} are absent (set UNIF2ACE_SHARED)")
+    showo_fixtures.require(FIXTURES)
     root = tmp_path_factory.mktemp("showo_e2e")
     text_tok = _phi_like_bpe(str(root / "bpe"))
     image_tok = str(root / "magvit2")
@@ -151,7 +151,7 @@ def test_generate_first_step_logits_are_showo_logits(run):
 
 
 def test_ask_path_matches_showo_greedy_tokens(run):
-    golden = dict(np.load(os.path.join(FIXTURES, "showo", "golden.npz")))
+    golden = showo_fixtures.golden("showo")
     trained = load_trained(run["workdir"])
     ids = golden["mmu_ids"]
     codes = ids[:, 2:2 + N] - trained.model.vocab.image_offset

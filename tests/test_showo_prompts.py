@@ -3,7 +3,6 @@ golden fixture rows Show-o's own code built (``shared/fixtures/showo/showo``, se
 test_convert_showo.py) and numpy reference loops of ``Showo.t2i_generate``."""
 
 import math
-import os
 
 import jax
 import jax.numpy as jnp
@@ -16,9 +15,9 @@ from unif2ace_jax.models.sequences import (TASK_MMU, TASK_T2I, showo_mmu_rows, s
 from unif2ace_jax.models.vocab import Vocab
 from unif2ace_jax.sampling.maskgit import annealing_factors, maskgit_sample, showo_remask_counts
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.environ.get("UNIF2ACE_SHARED") or os.path.join(os.path.dirname(ROOT), "shared")
-FIXTURE = os.path.join(SHARED, "fixtures", "showo", "showo")
+import showo_fixtures
+
+FIXTURE = showo_fixtures.path("showo")
 VOCAB = Vocab(text_size=50295, num_image_codes=8192, layout="showo")
 N = 16
 MAX_TEXT_LEN = 13  # the fixture's max_seq_length 12, + 1
@@ -26,9 +25,7 @@ MAX_TEXT_LEN = 13  # the fixture's max_seq_length 12, + 1
 
 @pytest.fixture(scope="module")
 def golden():
-    if not os.path.isdir(FIXTURE):
-        pytest.skip(f"Show-o golden fixture folder {FIXTURE} is absent (set UNIF2ACE_SHARED)")
-    return dict(np.load(os.path.join(FIXTURE, "golden.npz")))
+    return showo_fixtures.golden("showo")
 
 
 def _text_ids(row) -> list[int]:

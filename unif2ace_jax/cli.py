@@ -11,6 +11,7 @@ import os
 from typing import Any
 
 from absl import flags, logging
+from ml_collections import config_flags
 
 from unif2ace_jax.errors import UserError, config_value
 
@@ -68,3 +69,12 @@ def require_config(holder: Any, example: str) -> Any:
     if config is None:
         raise UserError(f"--config is required (e.g. --config={example})")
     return config
+
+
+def define_trainer_flags(workdir_help: str, config_help: str,
+                         default_config: str | None = None) -> Any:
+    """Defines a trainer's two flags, ``--workdir`` and a locked ``--config`` file; returns the
+    config holder (for `require_config`)."""
+    flags.DEFINE_string("workdir", None, workdir_help)
+    return config_flags.DEFINE_config_file("config", default_config, config_help,
+                                           lock_config=True)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 import sys
-from typing import Callable
+from typing import Any, Callable, Sequence
 
 from absl import app, flags
 
@@ -14,6 +14,15 @@ class UserError(Exception):
 
     CLIs print `error: <message>` on one line to stderr and exit with status 2.
     """
+
+
+def check_shape(name: str, array: Any, expected: Sequence[int | str]) -> None:
+    """UserError ``<name> must be [<expected>], got shape (...)`` unless `array` has that shape:
+    an int entry must match exactly, a str entry (a dimension's name, e.g. "B") any size."""
+    shape = tuple(array.shape)
+    if len(shape) != len(expected) or any(
+            isinstance(want, int) and got != want for got, want in zip(shape, expected)):
+        raise UserError(f"{name} must be [{', '.join(map(str, expected))}], got shape {shape}")
 
 
 def cli_main(main: Callable[..., object]) -> Callable[..., object]:

@@ -39,7 +39,7 @@ from unif2ace_jax.models.unified import UnifiedModel, build_model, default_featu
 from unif2ace_jax.optim import make_optimizer
 from unif2ace_jax.parallel import rules as rules_lib
 from unif2ace_jax.parallel.mesh import make_mesh
-from unif2ace_jax.utils.files import write_json
+from unif2ace_jax.utils.files import read_json, write_json
 
 RUN_FILE = "run.json"
 CHECKPOINT_DIR = "checkpoints"
@@ -69,11 +69,7 @@ def load_run_info(workdir: str) -> dict:
         raise UserError(f"{workdir} is not a unified-model training directory (no {RUN_FILE}); "
                         f"train one with python -m unif2ace_jax.train --config=... "
                         f"--workdir={workdir}")
-    try:
-        with open(path) as f:
-            info = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {e}") from None
+    info = read_json(path, RUN_FILE)
     info["config"] = ml_collections.ConfigDict(info["config"])
     return info
 

@@ -41,6 +41,7 @@ from absl import flags
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders.clip_vision import CLIPVisionSettings, save_clip_vision
+from unif2ace_jax.utils.files import read_json
 
 PREFIX = "vision_model."
 IGNORED = ("embeddings.position_ids",)  # a non-persistent buffer some versions saved
@@ -88,8 +89,7 @@ def load_hf_state_dict(hf_dir: str) -> dict[str, np.ndarray]:
     if os.path.isfile(single):
         return read_safetensors(single)
     if os.path.isfile(index):
-        with open(index) as f:
-            files = sorted(set(json.load(f)["weight_map"].values()))
+        files = sorted(set(read_json(index)["weight_map"].values()))
         out: dict[str, np.ndarray] = {}
         for name in files:
             out.update(read_safetensors(os.path.join(hf_dir, name)))
@@ -194,8 +194,7 @@ def convert_directory(hf_dir: str, out_dir: str) -> CLIPVisionSettings:
     cfg_path = os.path.join(hf_dir, "config.json")
     if not os.path.isfile(cfg_path):
         raise UserError(f"no config.json in {hf_dir}")
-    with open(cfg_path) as f:
-        settings = settings_from_hf_config(json.load(f))
+    settings = settings_from_hf_config(read_json(cfg_path))
     params = convert_state_dict(load_hf_state_dict(hf_dir), settings)
     save_clip_vision(out_dir, settings, params, source=os.path.abspath(hf_dir))
     return settings

@@ -67,7 +67,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
 import math
 import os
 import re
@@ -96,6 +95,7 @@ from unif2ace_jax.models.tokenizer import make_tokenizer
 from unif2ace_jax.models.tokenizer.pretrained import load_config as load_tokenizer_config
 from unif2ace_jax.models.unified import build_model
 from unif2ace_jax.models.vocab import PHI_ENDOFTEXT_ID, SHOWO_ADDED
+from unif2ace_jax.utils.files import read_json_object
 
 __all__ = ["Source", "convert_directory", "read_source", "ShowoModel", "load_showo"]
 
@@ -139,19 +139,6 @@ class Source:
 # Reading the inputs
 
 
-def _read_json(path: str) -> dict:
-    if not os.path.isfile(path):
-        raise UserError(f"missing file {path}")
-    try:
-        with open(path) as f:
-            value = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path}: {' '.join(str(e).split())}") from None
-    if not isinstance(value, dict):
-        raise UserError(f"{path}: expected a JSON object")
-    return value
-
-
 def _rope_field(phi: dict, key: str, default: float) -> float:
     """A rotary field at the top of a Phi config (transformers 4) or in ``rope_parameters`` (5)."""
     if phi.get(key) is not None:
@@ -193,7 +180,7 @@ def read_source(checkpoint_dir: str, phi_config: str | None = None,
     if not checkpoint_dir or not os.path.isdir(checkpoint_dir):
         raise UserError(f"--checkpoint is not a directory: {checkpoint_dir!r}")
     config_path = os.path.join(checkpoint_dir, "config.json")
-    cfg = _read_json(config_path)
+    cfg = read_json_object(config_path, "checkpoint config")
     if cfg.get("model_type") == "phi":  # a plain Hugging Face Phi
         weights = os.path.join(checkpoint_dir, PHI_WEIGHTS)
         geometry = _phi_geometry(cfg, config_path)
@@ -213,7 +200,7 @@ def read_source(checkpoint_dir: str, phi_config: str | None = None,
         phi_config = llm if os.path.isabs(llm) else os.path.join(checkpoint_dir, llm)
     phi_path = (os.path.join(phi_config, "config.json") if os.path.isdir(phi_config)
                 else phi_config)
-    geometry = _phi_geometry(_read_json(phi_path), phi_path)
+    geometry = _phi_geometry(read_json_object(phi_path, "Phi config"), phi_path)
     try:
         vocab_size, text = int(cfg["vocab_size"]), int(cfg["llm_vocab_size"])
         k, n = int(cfg["codebook_size"]), int(cfg["num_vq_tokens"])

@@ -39,7 +39,7 @@ from flax import serialization
 
 from unif2ace_jax.data import records
 from unif2ace_jax.data.derive_run import cli_splits, derive_recorded, open_source
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import UserError, check_shape
 from unif2ace_jax.models.encoders import ENCODERS, load_encoder
 
 FIELDS = {"synthface_face": "face", "synthface_clip": "clip", "clip_vision": "clip"}
@@ -90,8 +90,7 @@ def compute_features(encoders: Mapping[str, object], images: np.ndarray) -> dict
       ``{field: float32 [B, D] or [B, T, D]}``, ready for the model's ``features`` dict.
     """
     images = np.asarray(images)
-    if images.ndim != 4 or images.shape[-1] != 3:
-        raise UserError(f"images must be [B, H, W, 3], got shape {images.shape}")
+    check_shape("images", images, ("B", "H", "W", 3))
     if images.dtype != np.uint8:
         raise UserError(f"images must be uint8, got {images.dtype}")
     return {field: np.asarray(enc.encode(images), np.float32) for field, enc in encoders.items()}

@@ -183,34 +183,28 @@ def make_train_dataset(
 def make_train_iterator(
     config: Any,
     *,
-    tokenizer=None,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    split: str | None = None,
-    data_dir: str | None = None,
     num_threads: int | None = None,
     prefetch: int | None = None,
     num_workers: int | None = None,
+    **dataset_args: Any,
 ):
     """A checkpointable iterator of training raw batches (see module docstring).
 
     Args:
       config: the experiment config (its `data` section is used) or the `data` section.
-      tokenizer: a `TextTokenizer`; default: the one named in `data.tokenizer`.
-      process_index, process_count: this host's slice; default `jax.process_index/count()`.
-      split: default `data.train_split` ("train").
       num_threads, prefetch: grain read threads and prefetch depth (in batches); default
         `data.num_threads` / `data.prefetch`.
       num_workers: > 0 runs the pipeline in that many grain worker processes
         (`mp_prefetch`; same batches, same order); default `data.num_workers` (0).
+      **dataset_args: `make_train_dataset`'s: ``tokenizer`` (a `TextTokenizer`; default: the
+        one named in `data.tokenizer`), ``process_index``, ``process_count`` (this host's
+        slice; default `jax.process_index/count()`), ``split`` (default `data.train_split`),
+        ``data_dir``.
     Returns:
       a `grain.DatasetIterator` yielding dicts of numpy arrays; `get_state()/set_state()`.
     """
     data = _data_section(config)
-    ds = make_train_dataset(
-        config, tokenizer=tokenizer, process_index=process_index, process_count=process_count,
-        split=split, data_dir=data_dir,
-    )
+    ds = make_train_dataset(config, **dataset_args)
     threads = int(num_threads if num_threads is not None else data.num_threads)
     depth = int(prefetch if prefetch is not None else data.prefetch)
     workers = int(num_workers if num_workers is not None else data.num_workers)

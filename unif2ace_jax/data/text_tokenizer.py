@@ -33,7 +33,7 @@ import tokenizers
 
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.registry import Registry
-from unif2ace_jax.utils.files import write_atomically
+from unif2ace_jax.utils.files import read_json, read_json_object, write_atomically
 
 TEXT_TOKENIZERS: Registry = Registry("text tokenizer")
 
@@ -131,16 +131,6 @@ def _one_line(e: BaseException, limit: int = 200) -> str:
     return " ".join(str(e).split())[:limit]
 
 
-def _read_json(path: str):
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"not valid JSON: {path} ({_one_line(e)})") from None
-    except OSError as e:
-        raise UserError(f"cannot read {path} ({_one_line(e)})") from None
-
-
 def _token_content(value) -> str | None:
     """A special_tokens_map.json entry: a string or {"content": ...}."""
     if isinstance(value, dict):
@@ -153,7 +143,7 @@ def _bpe_from_tokenizer_json(path: str):
 
     Returns (tokenizer, {stripped token: its id in the file}).
     """
-    data = _read_json(path)
+    data = read_json(path)
     model = data.get("model") if isinstance(data, dict) else None
     if not isinstance(model, dict):
         raise UserError(f"not a tokenizers file (no 'model'): {path}")
@@ -177,7 +167,7 @@ def _bpe_from_vocab_merges(tokenizer_dir: str, specials: set[str]):
     """
     vocab_path = os.path.join(tokenizer_dir, "vocab.json")
     merges_path = os.path.join(tokenizer_dir, "merges.txt")
-    vocab = _read_json(vocab_path)
+    vocab = read_json(vocab_path)
     if not isinstance(vocab, dict) or not all(isinstance(i, int) for i in vocab.values()):
         raise UserError(f"{vocab_path}: expected a JSON object token → integer id")
     try:
@@ -191,7 +181,7 @@ def _bpe_from_vocab_merges(tokenizer_dir: str, specials: set[str]):
                             for t in sorted(specials | {ENDOFTEXT}) if t in vocab])
 
     added_path = os.path.join(tokenizer_dir, "added_tokens.json")
-    added = _read_json(added_path) if os.path.isfile(added_path) else {}
+    added = read_json(added_path) if os.path.isfile(added_path) else {}
     if not isinstance(added, dict) or not all(isinstance(i, int) for i in added.values()):
         raise UserError(f"{added_path}: expected a JSON object token → integer id")
     stripped = {}
@@ -231,9 +221,7 @@ class GPT2BPETokenizer:
 
     def _load(self, tokenizer_dir: str):
         names_path = os.path.join(tokenizer_dir, "special_tokens_map.json")
-        names = _read_json(names_path) if os.path.isfile(names_path) else {}
-        if not isinstance(names, dict):
-            raise UserError(f"{names_path}: expected a JSON object")
+        names = read_json_object(names_path) if os.path.isfile(names_path) else {}
         bos = _token_content(names.get("bos_token")) or ENDOFTEXT
         eos = _token_content(names.get("eos_token")) or ENDOFTEXT
         json_path = os.path.join(tokenizer_dir, "tokenizer.json")

@@ -44,7 +44,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import UserError, check_shape
 from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 
 SCORE_PARAMETERIZATIONS = ("free", "normalized")
@@ -147,15 +147,11 @@ def _per_sequence(ce, offset, masked, m, sched: MaskSchedule) -> jax.Array:
 
 
 def _check_shapes(logits, targets, masked, mask_ratio) -> None:
-    if logits.ndim != 3:
-        raise UserError(f"d3diff logits must be [B, N, K], got shape {tuple(logits.shape)}")
+    check_shape("d3diff logits", logits, ("B", "N", "K"))
     b, n, _ = logits.shape
-    if tuple(targets.shape) != (b, n):
-        raise UserError(f"d3diff targets must be [{b}, {n}], got {tuple(targets.shape)}")
-    if tuple(masked.shape) != (b, n):
-        raise UserError(f"d3diff masked must be [{b}, {n}], got {tuple(masked.shape)}")
-    if tuple(mask_ratio.shape) != (b,):
-        raise UserError(f"d3diff mask_ratio must be [{b}], got {tuple(mask_ratio.shape)}")
+    check_shape("d3diff targets", targets, (b, n))
+    check_shape("d3diff masked", masked, (b, n))
+    check_shape("d3diff mask_ratio", mask_ratio, (b,))
 
 
 def d3diff_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array,
@@ -193,8 +189,7 @@ def d3diff_loss(logits: jax.Array, targets: jax.Array, masked: jax.Array,
     if example_mask is None:
         rows = jnp.ones((b,), bool)
     else:
-        if tuple(example_mask.shape) != (b,):
-            raise UserError(f"d3diff example_mask must be [{b}], got {tuple(example_mask.shape)}")
+        check_shape("d3diff example_mask", example_mask, (b,))
         rows = example_mask.astype(bool)
         masked = masked & rows[:, None]
 

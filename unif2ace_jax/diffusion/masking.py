@@ -23,15 +23,14 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import UserError, check_shape
 from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 
 MASKING_MODES = ("count", "independent", "stratified")
 
 
 def _check_codes(codes: jax.Array) -> None:
-    if codes.ndim != 2:
-        raise UserError(f"image codes must be [B, N], got shape {tuple(codes.shape)}")
+    check_shape("image codes", codes, ("B", "N"))
 
 
 def mask_exact_count(rng: jax.Array, codes: jax.Array, *, mask_id: int,

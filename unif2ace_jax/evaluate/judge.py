@@ -36,7 +36,7 @@ from unif2ace_jax.data.records import decode_image
 from unif2ace_jax.data.synthface.attributes import ATTRIBUTES
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.judge import AttributeJudge, make_judge
-from unif2ace_jax.utils.files import write_atomically
+from unif2ace_jax.utils.files import read_json, write_atomically
 
 PARAMS_FILE = "judge_params.msgpack"
 CONFIG_FILE = "judge_config.json"
@@ -200,8 +200,7 @@ def load_meta(workdir: str) -> dict:
         raise UserError(f"no trained judge in {workdir} ({CONFIG_FILE} / {PARAMS_FILE} missing); "
                         f"train one with python -m unif2ace_jax.train.judge "
                         f"--config=configs/judge_synthface.py --workdir={workdir}")
-    with open(path) as f:
-        return json.load(f)
+    return read_json(path, "judge config")
 
 
 def load_judge(workdir: str, *, batch_size: int = 256) -> Judge:
@@ -250,13 +249,7 @@ def _read_images(path: str) -> tuple[np.ndarray, list[str]]:
 
 
 def _read_attributes(path: str, names: list[str]) -> list[dict]:
-    if not os.path.isfile(path):
-        raise UserError(f"attributes file not found: {path}")
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except (OSError, ValueError) as e:
-        raise UserError(f"cannot read {path} as JSON: {e}") from None
+    data = read_json(path, "attributes file")
     if isinstance(data, dict):  # keyed by image file name
         missing = [n for n in names if n not in data]
         if missing:

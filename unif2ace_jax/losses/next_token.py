@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import check_shape
 
 
 def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
@@ -24,13 +24,10 @@ def next_token_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array
       ``ce_sum`` (sum of w * CE, for exact accumulation across micro-batches), ``weight_sum``,
       ``num_tokens`` (count of places with w > 0), ``accuracy`` (weighted argmax accuracy).
     """
-    if logits.ndim != 3:
-        raise UserError(f"next-token logits must be [B, L, V], got shape {tuple(logits.shape)}")
+    check_shape("next-token logits", logits, ("B", "L", "V"))
     b, l, v = logits.shape
-    if tuple(targets.shape) != (b, l):
-        raise UserError(f"next-token targets must be [{b}, {l}], got {tuple(targets.shape)}")
-    if tuple(weights.shape) != (b, l):
-        raise UserError(f"next-token weights must be [{b}, {l}], got {tuple(weights.shape)}")
+    check_shape("next-token targets", targets, (b, l))
+    check_shape("next-token weights", weights, (b, l))
     dt = jnp.promote_types(logits.dtype, jnp.float32)
     f = logits.astype(dt)
     w = weights.astype(dt)

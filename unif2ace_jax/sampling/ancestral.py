@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import UserError, check_shape
 from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 from unif2ace_jax.sampling.guidance import LogitsFn, guided_logits
 
@@ -50,8 +50,7 @@ def ancestral_sample(rng: jax.Array, logits_fn: LogitsFn, init_codes: jax.Array,
     Returns:
       codes [B, N] int32 with no ``mask_id`` left (and the trace if asked).
     """
-    if init_codes.ndim != 2:
-        raise UserError(f"init_codes must be [B, N], got shape {tuple(init_codes.shape)}")
+    check_shape("init_codes", init_codes, ("B", "N"))
     if num_steps < 1:
         raise UserError(f"num_steps must be >= 1, got {num_steps}")
     codes0 = init_codes.astype(jnp.int32)

@@ -33,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import UserError, check_shape
 from unif2ace_jax.diffusion.schedules import MaskSchedule, get_schedule
 from unif2ace_jax.sampling.guidance import LogitsFn, guided_logits
 
@@ -92,8 +92,7 @@ def _count_table(n: int, num_steps: int, schedule, remask_rule: str) -> np.ndarr
 
 
 def _check(init_codes: jax.Array, num_steps: int) -> None:
-    if init_codes.ndim != 2:
-        raise UserError(f"init_codes must be [B, N], got shape {tuple(init_codes.shape)}")
+    check_shape("init_codes", init_codes, ("B", "N"))
     if num_steps < 1:
         raise UserError(f"num_steps must be >= 1, got {num_steps}")
 

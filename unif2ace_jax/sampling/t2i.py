@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from unif2ace_jax.errors import UserError
+from unif2ace_jax.errors import UserError, check_shape
 from unif2ace_jax.models.encoders import ENCODERS
 from unif2ace_jax.models.moe.seq_moe import dummy_features, feature_keys
 from unif2ace_jax.models.sequences import (PROMPT_FORMATS, TASK_T2I, build_t2i_prompt,
@@ -195,8 +195,7 @@ def sample_codes(model: UnifiedModel, params: Any, caption: jax.Array, caption_l
     if num_steps < 1:
         raise UserError(f"steps must be >= 1, got {num_steps}")
     caption = jnp.asarray(caption, jnp.int32)
-    if caption.ndim != 2:
-        raise UserError(f"caption ids must be [B, Lt], got shape {tuple(caption.shape)}")
+    check_shape("caption ids", caption, ("B", "Lt"))
     width = caption.shape[1] + 3 if text_width is None else int(text_width)
     return _sample_codes(params, caption, jnp.asarray(caption_len, jnp.int32), rng,
                          jnp.float32(guidance), jnp.float32(noise_temperature),

@@ -266,12 +266,12 @@ def main(argv: list[str]) -> None:
 
 def _define_flags():
     from absl import flags
-    from ml_collections import config_flags
+
+    from unif2ace_jax import cli
 
     flags.DEFINE_string("kind", None, f"Which encoder to train: {', '.join(KINDS)}.")
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the encoder.")
-    return config_flags.DEFINE_config_file("config", DEFAULT_CONFIG, "Encoders config file.",
-                                           lock_config=True)
+    return cli.define_trainer_flags("Directory for checkpoints, metrics and the encoder.",
+                                    "Encoders config file.", DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":

@@ -138,12 +138,10 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
+    from unif2ace_jax import cli
 
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the judge.")
-    return config_flags.DEFINE_config_file("config", None, "Judge config file.",
-                                           lock_config=True)
+    return cli.define_trainer_flags("Directory for checkpoints, metrics and the judge.",
+                                    "Judge config file.")
 
 
 if __name__ == "__main__":

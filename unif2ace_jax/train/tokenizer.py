@@ -341,13 +341,10 @@ def main(argv: list[str]) -> None:
 
 
 def _define_flags():
-    from absl import flags
-    from ml_collections import config_flags
+    from unif2ace_jax import cli
 
-    flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, images and the "
-                        "exported tokenizer.")
-    return config_flags.DEFINE_config_file("config", None, "Tokenizer config file.",
-                                           lock_config=True)
+    return cli.define_trainer_flags("Directory for checkpoints, metrics, images and the "
+                                    "exported tokenizer.", "Tokenizer config file.")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Files written whole or not at all.
+"""Files written whole or not at all, and JSON files read with one-line errors.
 
 Every file a command writes for others to read (configs, params, summaries, images, records'
 metadata) goes through `atomic_open`: the bytes go to a temporary file beside the target, which
@@ -12,6 +12,8 @@ import json
 import os
 import uuid
 from typing import IO, Any, Iterator
+
+from unif2ace_jax.errors import UserError
 
 
 @contextlib.contextmanager
@@ -43,3 +45,30 @@ def write_json(path: str | os.PathLike, value: Any, **dump_kwargs: Any) -> None:
     """``json.dump(value, f, **dump_kwargs)`` into `path` with `atomic_open`."""
     with atomic_open(path, "w") as f:
         json.dump(value, f, **dump_kwargs)
+
+
+def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
+    """The JSON value in `path`; a one-line UserError naming `what` (e.g. "attributes file")
+    when the file is missing, unreadable or not valid JSON."""
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise UserError(f"{what} not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"not valid JSON: {path} ({_one_line(e)})") from None
+    except OSError as e:
+        raise UserError(f"cannot read {what} {path} ({_one_line(e)})") from None
+
+
+def read_json_object(path: str | os.PathLike, what: str = "JSON file") -> dict:
+    """`read_json` of a file that must hold a JSON object (UserError otherwise)."""
+    value = read_json(path, what)
+    if not isinstance(value, dict):
+        raise UserError(f"{os.fspath(path)}: expected a JSON object")
+    return value
+
+
+def _one_line(e: BaseException, limit: int = 200) -> str:
+    return " ".join(str(e).split())[:limit]

@@ -30,7 +30,7 @@ import numpy as np
 from flax import serialization
 
 from unif2ace_jax.errors import UserError
-from unif2ace_jax.utils.files import write_atomically
+from unif2ace_jax.utils.files import read_json, write_atomically
 
 PARAMS_FILE = "clip_vision_params.msgpack"
 CONFIG_FILE = "clip_vision_config.json"
@@ -217,8 +217,7 @@ def load_clip_vision(directory: str, dtype: Any = jnp.float32
     if missing:
         raise UserError(f"not a converted CLIP vision directory (missing {missing[0]}); run "
                         f"python -m unif2ace_jax.convert.clip_vision first")
-    with open(paths[0]) as f:
-        settings = CLIPVisionSettings.from_dict(json.load(f)["settings"])
+    settings = CLIPVisionSettings.from_dict(read_json(paths[0])["settings"])
     with open(paths[1], "rb") as f:
         params = serialization.msgpack_restore(f.read())
     return CLIPVisionTower(settings, dtype=dtype), params

@@ -25,7 +25,7 @@ from flax import serialization
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.encoders.synthface_clip import image_tower_config, make_clip_model
 from unif2ace_jax.models.encoders.synthface_face import make_face_model, make_image_encoder
-from unif2ace_jax.utils.files import write_atomically
+from unif2ace_jax.utils.files import read_json, write_atomically
 
 PARAMS_FILE = "encoder_params.msgpack"
 CONFIG_FILE = "encoder_config.json"
@@ -56,8 +56,7 @@ def load_meta(workdir: str, kind: str | None = None) -> dict:
         raise UserError(f"not a trained SynthFace encoder directory (missing {missing[0]}); "
                         f"train one with python -m unif2ace_jax.train.encoders{hint} "
                         f"--workdir={workdir}")
-    with open(paths[0]) as f:
-        meta = json.load(f)
+    meta = read_json(paths[0])
     if kind is not None and meta.get("kind") != kind:
         raise UserError(f"{workdir} holds a synthface_{meta.get('kind')} encoder, not "
                         f"synthface_{kind}")

@@ -93,10 +93,12 @@ def _expert_of_rows(ends: jax.Array, rows: jax.Array, num_experts: int) -> jax.A
     return jnp.clip(e, 0, num_experts - 1).astype(jnp.int32)
 
 
-def _cast(params: ExpertParams, dtype) -> ExpertParams:
+def _cast(x: jax.Array, params: ExpertParams, dtype) -> tuple[jax.Array, ExpertParams]:
+    """``(x, params)`` in the compute `dtype` (None: as they are); the weights are cast first."""
     if dtype is None:
-        return params
-    return ExpertParams(*(None if p is None else p.astype(dtype) for p in params))
+        return x, params
+    params = ExpertParams(*(None if p is None else p.astype(dtype) for p in params))
+    return x.astype(dtype), params
 
 
 @jax.custom_vjp
@@ -210,8 +212,7 @@ def ragged_dispatch_combine(x: jax.Array, indices: jax.Array, weights: jax.Array
         raise ValueError(f"unknown ragged impl {impl!r}; expected one of {RAGGED_IMPLS}")
     if block_size < 1:
         raise ValueError(f"block_size must be >= 1, got {block_size}")
-    p = _cast(params, dtype)
-    x = x if dtype is None else x.astype(dtype)
+    x, p = _cast(x, params, dtype)
     T, d = x.shape
     k = indices.shape[1]
     X = p.wi.shape[0]
@@ -269,8 +270,7 @@ def capacity_dispatch_combine(x: jax.Array, indices: jax.Array, weights: jax.Arr
     """
     if method not in CAPACITY_METHODS:
         raise ValueError(f"unknown capacity method {method!r}; expected one of {CAPACITY_METHODS}")
-    p = _cast(params, dtype)
-    x = x if dtype is None else x.astype(dtype)
+    x, p = _cast(x, params, dtype)
     T, d = x.shape
     k = indices.shape[1]
     X = p.wi.shape[0]

@@ -27,7 +27,7 @@ from jax.experimental import multihost_utils
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.models.tokenizer import make_tokenizer
 from unif2ace_jax.models.tokenizer.magvit2 import ImageTokenizer, images_to_model, model_to_images
-from unif2ace_jax.utils.files import write_atomically
+from unif2ace_jax.utils.files import read_json, write_atomically
 
 PARAMS_FILE = "tokenizer_params.msgpack"
 CONFIG_FILE = "tokenizer_config.json"
@@ -59,8 +59,7 @@ def load_config(workdir: str) -> tuple[ml_collections.ConfigDict, int | None]:
     if not os.path.isfile(path) or not os.path.isfile(os.path.join(workdir, PARAMS_FILE)):
         raise UserError(f"no trained tokenizer in {workdir} (expected {CONFIG_FILE} and "
                         f"{PARAMS_FILE}; train one with python -m unif2ace_jax.train.tokenizer)")
-    with open(path) as f:
-        meta = json.load(f)
+    meta = read_json(path)
     return ml_collections.ConfigDict(meta["config"]), meta.get("step")
 
 
