@@ -51,7 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from unif2ace_jax.checkpoint import init_from as init_from_lib
 from unif2ace_jax.checkpoint import state as state_lib
 from unif2ace_jax.checkpoint import trained as trained_lib
-from unif2ace_jax.data.pipeline import load_tokenizer, make_train_iterator
+from unif2ace_jax.data import pipeline
 from unif2ace_jax.errors import UserError
 from unif2ace_jax.losses.unified import MODEL_KEYS, model_inputs, unified_loss
 from unif2ace_jax.models.tokenizer import make_tokenizer
@@ -203,9 +203,9 @@ def train(config: ml_collections.ConfigDict, workdir: str, *,
     extra_fields = tuple(config.data.extra_fields or ())
 
     # ======================================================================= data
-    text_tokenizer = load_tokenizer(config.data)
+    text_tokenizer = pipeline.load_tokenizer(config.data)
     k, grid = image_code_geometry(config)
-    iterator = make_train_iterator(config, tokenizer=text_tokenizer)
+    iterator = pipeline.make_train_iterator(config, tokenizer=text_tokenizer)
     # The first batch fixes the shapes (and checks the codes); it is not consumed: the iterator
     # is rewound so step 0 trains on it, and a restore moves it anyway.
     start_state = iterator.get_state()
